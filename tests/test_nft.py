@@ -1,0 +1,471 @@
+"""trio_tproxy.nft: golden renderings, nft --check, the runner, error classification.
+
+Rendering tests need nothing. Tests that run nft do it inside a network
+namespace of their own (``tpt-<hex>``), deleted afterwards even on failure.
+Regenerate the golden files with ``UPDATE_GOLDEN=1`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from trio_tproxy.config import Interception
+from trio_tproxy.nft import (
+    Nft,
+    NftError,
+    NftErrorKind,
+    classify,
+    one_line,
+    render,
+    render_delete,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+net = ipaddress.ip_network
+
+CONFIGS: dict[str, Interception] = {
+    "default": Interception(),
+    "excludes": Interception(
+        exclude_cidrs=(net("10.96.0.0/12"), net("fd00:10::/64"), net("192.168.1.10/32")),
+        exclude_inbound_ports=(15021, 22, 15021),
+        exclude_outbound_ports=(5432, 443),
+    ),
+    "custom": Interception(
+        table="mesh_tproxy",
+        tcp_port=15001,
+        tls_port=15006,
+        recirculate_mark=0x539,
+        bypass_mark=0x53A,
+        route_table=100,
+        rule_priority=100,
+    ),
+    # Overlapping and duplicate CIDRs: nft rejects overlaps in an interval set.
+    "ipv4_only": Interception(
+        intercept_cidrs=(net("172.16.0.0/12"), net("10.1.0.0/16"), net("10.0.0.0/8")),
+    ),
+    "ipv6_only": Interception(intercept_cidrs=(net("fd00::/8"), net("2001:db8::/32"))),
+    "everything": Interception(
+        intercept_cidrs=(net("0.0.0.0/0"), net("::/0")),
+        exclude_cidrs=(net("169.254.0.0/16"), net("fe80::/10")),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def require_root_and_nft() -> None:
+    """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
+    ci = os.environ.get("CI") == "true"
+    problems = []
+    if shutil.which("nft") is None:
+        problems.append("nft is not installed (apt-get install nftables)")
+    if shutil.which("ip") is None:
+        problems.append("ip is not installed (apt-get install iproute2)")
+    if os.geteuid() != 0:
+        problems.append("not root: network namespaces and nft need CAP_SYS_ADMIN/CAP_NET_ADMIN")
+    if problems:
+        message = "; ".join(problems)
+        if ci:
+            pytest.fail(f"CI=true but the nft tests cannot run: {message}")
+        pytest.skip(message)
+
+
+def _new_netns() -> str:
+    name = f"tpt-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    return name
+
+
+def _delete_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def check_ns() -> Iterator[str]:
+    """One namespace for the --check tests (they never change it)."""
+    require_root_and_nft()
+    name = _new_netns()
+    try:
+        yield name
+    finally:
+        _delete_netns(name)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    require_root_and_nft()
+    name = _new_netns()
+    try:
+        yield name
+    finally:
+        _delete_netns(name)
+
+
+class FakeRunner:
+    """Records (argv, stdin) and answers with queued results (success by default)."""
+
+    def __init__(self, *results: subprocess.CompletedProcess[str] | BaseException) -> None:
+        self.calls: list[tuple[list[str], str]] = []
+        self.results = list(results)
+
+    def __call__(self, argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+        self.calls.append((list(argv), stdin))
+        if not self.results:
+            return subprocess.CompletedProcess(list(argv), 0, "", "")
+        result = self.results.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+
+def failed(returncode: int, stderr: str, stdout: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.CompletedProcess([], returncode, stdout, stderr)
+
+
+def rule_lines(text: str) -> list[str]:
+    """The rule lines of a rendering (inside chains, not type/comment lines)."""
+    rules, in_chain = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("chain "):
+            in_chain = True
+        elif stripped == "}":
+            in_chain = False
+        elif in_chain and not stripped.startswith(("type ", "comment ")):
+            rules.append(stripped)
+    return rules
+
+
+# --------------------------------------------------------------------------- render
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_render_matches_golden(name: str) -> None:
+    text = render(CONFIGS[name])
+    path = GOLDEN / f"{name}.nft"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run UPDATE_GOLDEN=1 pytest tests/test_nft.py"
+    assert text == path.read_text(), f"{path} differs: review, then UPDATE_GOLDEN=1 to accept"
+
+
+def test_render_is_one_replace_transaction() -> None:
+    lines = [line for line in render(Interception()).splitlines() if not line.startswith("#")]
+    assert lines[:3] == [
+        "add table inet trio_tproxy",
+        "delete table inet trio_tproxy",
+        "table inet trio_tproxy {",
+    ]
+    assert lines[-1] == "}"
+    assert render(Interception()).endswith("}\n")
+
+
+def test_render_is_independent_of_input_order() -> None:
+    a = Interception(
+        intercept_cidrs=(net("10.0.0.0/8"), net("fc00::/7"), net("192.168.0.0/16")),
+        exclude_cidrs=(net("10.96.0.0/12"), net("10.0.0.1/32")),
+        exclude_inbound_ports=(22, 15021),
+        exclude_outbound_ports=(443, 80, 443),
+    )
+    b = Interception(
+        intercept_cidrs=(net("192.168.0.0/16"), net("fc00::/7"), net("10.0.0.0/8")),
+        exclude_cidrs=(net("10.0.0.1/32"), net("10.96.0.0/12")),
+        exclude_inbound_ports=(15021, 22),
+        exclude_outbound_ports=(80, 443),
+    )
+    assert render(a) == render(b)
+    assert "elements = { 80, 443 }" in render(a)
+    assert "elements = { 10.0.0.1/32, 10.96.0.0/12 }" in render(a)
+
+
+def test_overlapping_cidrs_are_collapsed() -> None:
+    text = render(CONFIGS["ipv4_only"])
+    assert "elements = { 10.0.0.0/8, 172.16.0.0/12 }" in text
+    assert "10.1.0.0/16" not in text
+
+
+def test_ipv6_only_leaves_cidrs4_empty_and_returns_all_ipv4() -> None:
+    text = render(CONFIGS["ipv6_only"])
+    cidrs4 = text.split("set cidrs4 {", 1)[1].split("}", 1)[0]
+    assert "elements" not in cidrs4
+    assert "elements = { 2001:db8::/32, fd00::/8 }" in text
+    # Both chains still return every IPv4 packet: an empty set matches nothing.
+    assert text.count("ip daddr != @cidrs4 return") == 2
+
+
+def test_ipv4_only_leaves_cidrs6_empty() -> None:
+    text = render(CONFIGS["ipv4_only"])
+    cidrs6 = text.split("set cidrs6 {", 1)[1].split("}", 1)[0]
+    assert "type ipv6_addr" in cidrs6
+    assert "elements" not in cidrs6
+    assert text.count("ip6 daddr != @cidrs6 return") == 2
+
+
+def test_every_rule_says_what_it_is_for() -> None:
+    rules = rule_lines(render(CONFIGS["excludes"]))
+    assert len(rules) == 17
+    for rule in rules:
+        match = re.search(r' comment "([^"]+)"$', rule)
+        assert match, f"rule without a comment: {rule}"
+        assert len(match.group(1)) <= 128, "nft limits comments to 128 characters"
+
+
+def test_custom_ports_marks_and_table_are_used() -> None:
+    text = render(CONFIGS["custom"])
+    assert "table inet mesh_tproxy {" in text
+    assert "meta mark 1337 meta l4proto tcp tproxy ip to 127.0.0.1:15001 accept" in text
+    assert "meta mark 1337 meta l4proto tcp tproxy ip6 to [::1]:15001 accept" in text
+    assert "meta l4proto tcp tproxy ip to 127.0.0.1:15006 accept" in text
+    assert "meta l4proto tcp tproxy ip6 to [::1]:15006 accept" in text
+    assert "meta mark 1338 return" in text
+    assert 'oifname != "lo" meta l4proto tcp meta mark set 1337' in text
+    assert "trio_tproxy" not in text.replace("trio-tproxy", "")
+
+
+def test_recirculated_egress_is_matched_before_ingress_exclusions() -> None:
+    # An excluded inbound port may be another pod's service port: looped-back
+    # egress to it must still reach the plaintext listener.
+    rules = rule_lines(render(CONFIGS["excludes"]))
+    first_exclusion = next(i for i, r in enumerate(rules) if "@in_ports" in r)
+    egress = [i for i, r in enumerate(rules) if r.startswith("meta mark 10 ")]
+    assert egress == [0, 1]
+    assert max(egress) < first_exclusion
+
+
+def test_render_delete_is_add_then_delete() -> None:
+    assert render_delete(CONFIGS["custom"]) == (
+        "add table inet mesh_tproxy\ndelete table inet mesh_tproxy\n"
+    )
+
+
+# --------------------------------------------------------------------------- nft --check
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_nft_check_accepts_rendering(check_ns: str, name: str) -> None:
+    nft = Nft(netns=check_ns)
+    nft.check(render(CONFIGS[name]))
+    nft.check(render_delete(CONFIGS[name]))
+    # --check applies nothing.
+    assert nft.list_table(CONFIGS[name]) is None
+
+
+@pytest.mark.netns
+def test_nft_check_rejects_bad_text_in_one_line(check_ns: str) -> None:
+    with pytest.raises(NftError) as info:
+        Nft(netns=check_ns).check("table inet x {\n\tchain c { type filter hook nowhere }\n}\n")
+    assert info.value.kind is NftErrorKind.FAILED
+    assert "syntax error" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert info.value.argv == ("ip", "netns", "exec", check_ns, "nft", "--check", "-f", "-")
+
+
+# --------------------------------------------------------------------------- runner (fake)
+
+
+def test_apply_feeds_render_to_one_nft_run() -> None:
+    run = FakeRunner()
+    Nft(run=run).apply(CONFIGS["excludes"])
+    assert run.calls == [(["nft", "-f", "-"], render(CONFIGS["excludes"]))]
+
+
+def test_apply_in_netns_uses_ip_netns_exec() -> None:
+    run = FakeRunner()
+    Nft(run=run, netns="tpt-0123abcd").apply(Interception())
+    assert run.calls == [
+        (["ip", "netns", "exec", "tpt-0123abcd", "nft", "-f", "-"], render(Interception()))
+    ]
+
+
+def test_delete_feeds_render_delete() -> None:
+    run = FakeRunner()
+    Nft(run=run).delete(CONFIGS["custom"])
+    assert run.calls == [
+        (["nft", "-f", "-"], "add table inet mesh_tproxy\ndelete table inet mesh_tproxy\n")
+    ]
+
+
+def test_check_uses_check_flag() -> None:
+    run = FakeRunner()
+    Nft(run=run).check("table inet x {\n}\n")
+    assert run.calls == [(["nft", "--check", "-f", "-"], "table inet x {\n}\n")]
+
+
+def test_list_table_returns_stdout() -> None:
+    listing = "table inet trio_tproxy {\n}\n"
+    run = FakeRunner(subprocess.CompletedProcess([], 0, listing, ""))
+    assert Nft(run=run).list_table(Interception()) == listing
+    assert run.calls == [(["nft", "list", "table", "inet", "trio_tproxy"], "")]
+
+
+def test_list_table_absent_is_none() -> None:
+    stderr = "Error: No such file or directory\nlist table inet trio_tproxy\n" + " " * 16 + "^^^\n"
+    run = FakeRunner(failed(1, stderr))
+    assert Nft(run=run).list_table(Interception()) is None
+
+
+def test_list_table_other_failure_raises() -> None:
+    run = FakeRunner(failed(1, "netlink: Error: cache initialization failed: Operation not permitted"))
+    with pytest.raises(NftError) as info:
+        Nft(run=run).list_table(Interception())
+    assert info.value.kind is NftErrorKind.PERMISSION
+
+
+def test_runner_exception_is_classified() -> None:
+    run = FakeRunner(FileNotFoundError(2, "No such file or directory", "nft"))
+    with pytest.raises(NftError) as info:
+        Nft(run=run).apply(Interception())
+    assert info.value.kind is NftErrorKind.NOT_INSTALLED
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+# --------------------------------------------------------------------------- classify
+
+SYNTAX = (
+    "/dev/stdin:19:51-51: Error: syntax error, unexpected '}', expecting newline or semicolon\n"
+    "    meta l4proto tcp tproxy ip6 to [::1]:2 accept }\n"
+    "                                                  ^\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "outcome", "kind", "needle"),
+    [
+        (["nft", "-f", "-"], FileNotFoundError(2, "No such file", "nft"), "NOT_INSTALLED", "nft is not installed"),
+        (["ip", "netns", "exec", "n", "nft"], FileNotFoundError(2, "No such file", "ip"), "NOT_INSTALLED", "ip is not installed"),
+        (["nft", "-f", "-"], PermissionError(13, "Permission denied", "nft"), "PERMISSION", "Permission denied"),
+        (["nft", "-f", "-"], subprocess.TimeoutExpired(["nft"], 30), "FAILED", "no answer after 30s"),
+        (["nft", "list", "tables"], failed(1, "Operation not permitted (you must be root)\nnetlink: Error: cache initialization failed: Operation not permitted\n"), "PERMISSION", "CAP_NET_ADMIN"),
+        (["ip", "netns", "exec", "n", "nft"], failed(255, 'setting the network namespace "n" failed: Operation not permitted\n'), "PERMISSION", "CAP_NET_ADMIN"),
+        (["ip", "netns", "exec", "n", "nft"], failed(255, 'exec of "nft" failed: No such file or directory\n'), "NOT_INSTALLED", "nft is not installed"),
+        (["nft", "list", "table", "inet", "t"], failed(1, "Error: No such file or directory\nlist table inet t\n                ^\n"), "NOT_FOUND", "No such file or directory"),
+        (["nft", "-f", "-"], failed(1, "Error: Could not process rule: No such file or directory\ndelete table inet t\n                  ^\n"), "NOT_FOUND", "Could not process rule"),
+        (["ip", "netns", "exec", "n", "nft"], failed(255, 'Cannot open network namespace "n": No such file or directory\n'), "FAILED", "Cannot open network namespace"),
+        (["nft", "-f", "-"], failed(1, SYNTAX), "FAILED", "unexpected '}'"),
+        (["nft", "-f", "-"], failed(1, ""), "FAILED", "exit status 1"),
+    ],
+)  # fmt: skip
+def test_classify(
+    argv: list[str],
+    outcome: subprocess.CompletedProcess[str] | BaseException,
+    kind: str,
+    needle: str,
+) -> None:
+    if isinstance(outcome, BaseException):
+        error = classify(argv, exc=outcome)
+    else:
+        error = classify(argv, returncode=outcome.returncode, stderr=outcome.stderr)
+    assert error.kind is NftErrorKind[kind]
+    assert needle in str(error)
+    assert "\n" not in str(error)
+    assert str(error).startswith(" ".join(argv) + ": ")
+
+
+def test_one_line_drops_caret_markers() -> None:
+    assert one_line(SYNTAX) == (
+        "/dev/stdin:19:51-51: Error: syntax error, unexpected '}', expecting newline or "
+        "semicolon | meta l4proto tcp tproxy ip6 to [::1]:2 accept }"
+    )
+
+
+# --------------------------------------------------------------------------- real nft
+
+
+@pytest.mark.netns
+def test_apply_list_replace_delete(netns: str) -> None:
+    nft = Nft(netns=netns)
+    ic = CONFIGS["excludes"]
+    assert nft.list_table(ic) is None
+
+    nft.apply(ic)
+    first = nft.list_table(ic)
+    assert first is not None
+    assert first.startswith("table inet trio_tproxy {")
+    assert "elements = { 22, 15021 }" in first
+    assert "tproxy ip to 127.0.0.1:2 accept" in first
+    assert first.count('comment "') == 17 + 2 + 6 + 1  # rules, chains, sets, table
+
+    nft.apply(ic)  # idempotent: the same table, not a second copy of each rule
+    assert nft.list_table(ic) == first
+
+    # Same table name, other ports: applying replaces, nothing of the old stays.
+    other = Interception(tcp_port=15001, tls_port=15006)
+    nft.apply(other)
+    replaced = nft.list_table(other)
+    assert replaced is not None
+    assert "tproxy ip to 127.0.0.1:15006 accept" in replaced
+    assert "127.0.0.1:2 " not in replaced
+    assert "elements = { 22, 15021 }" not in replaced
+
+    nft.delete(other)
+    assert nft.list_table(other) is None
+    nft.delete(other)  # deleting an absent table is fine
+    ruleset = subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "list", "ruleset"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ruleset.stdout.strip() == ""
+
+
+@pytest.mark.netns
+def test_apply_replaces_table_left_by_crashed_run(netns: str) -> None:
+    ic = Interception()
+    leftover = "table inet trio_tproxy {\n\tchain stale {\n\t\tmeta mark 99 drop\n\t}\n}\n"
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=leftover,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    nft = Nft(netns=netns)
+    nft.apply(ic)
+    listing = nft.list_table(ic)
+    assert listing is not None
+    assert "chain stale" not in listing
+    assert "chain prerouting" in listing
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("who", ["ip netns exec", "nft"])
+def test_real_permission_error_is_classified(netns: str, who: str) -> None:
+    """Without CAP_NET_ADMIN, both ``ip netns exec`` and nft itself fail as PERMISSION."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    def unprivileged(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+        # Drop root before `ip netns exec`, or after it (nft runs in the namespace).
+        cut = 0 if who == "ip netns exec" else 4
+        argv = [*argv[:cut], *drop, *argv[cut:]]
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+
+    with pytest.raises(NftError) as info:
+        Nft(run=unprivileged, netns=netns).apply(Interception())
+    assert info.value.kind is NftErrorKind.PERMISSION
+    assert "Operation not permitted" in str(info.value)
+    assert Nft(netns=netns).list_table(Interception()) is None
+
+
+@pytest.mark.netns
+def test_missing_netns_is_a_failure_not_an_absent_table() -> None:
+    require_root_and_nft()
+    name = f"tpt-{secrets.token_hex(4)}"
+    with pytest.raises(NftError) as info:
+        Nft(netns=name).list_table(Interception())
+    assert info.value.kind is NftErrorKind.FAILED
+    assert "Cannot open network namespace" in str(info.value)

@@ -1,0 +1,297 @@
+"""Two Sidecars on loopback, without the kernel redirection (no root needed).
+
+A's egress listener plays the intercepted app connection; its "original
+destination" is B's TLS listener.  B's ingress dials the test's app server.
+The netns suite repeats the important cases through real TPROXY rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from helpers import abort_socket_stream, expect_reset, make_pki, read_to_eof, spiffe, tls_pair
+from trio_tproxy import certs, tlspolicy
+from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
+from trio_tproxy.proxy import Sidecar
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def sidecar(
+    files: TLSFiles,
+    *,
+    timeouts: Timeouts | None = None,
+    identity: IdentityPolicy | None = None,
+    **kw,
+) -> Sidecar:
+    tcp, tls = free_ports(2)
+    config = ProxyConfig(
+        tls=files,
+        identity=identity or IdentityPolicy(),
+        interception=Interception(tcp_port=tcp, tls_port=tls),
+        timeouts=timeouts or Timeouts(handshake=2, connect=2, half_close=10),
+        verbosity=1,
+    )
+    return Sidecar(
+        config,
+        tlspolicy.load_credentials(files),
+        listen_hosts=("127.0.0.1",),
+        kernel_options=False,
+        **kw,
+    )
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, TLSFiles]:
+    return make_pki(tmp_path, ("a", "b", "c"))
+
+
+@asynccontextmanager
+async def pods(
+    a_files: TLSFiles, b_files: TLSFiles, app_port: int, **b_kw
+) -> AsyncIterator[tuple[Sidecar, Sidecar]]:
+    """Sidecar A (egress to B) and sidecar B (ingress to 127.0.0.1:app_port)."""
+    b = sidecar(b_files, **b_kw)
+
+    async def to_app(dst, client):  # noqa: ANN001 - the IngressDialer signature
+        return trio.SocketStream(await b.dial(("127.0.0.1", app_port)))
+
+    b.ingress_dialer = to_app
+    a = sidecar(
+        a_files, egress_destination=lambda sock: ("127.0.0.1", b.config.interception.tls_port)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        yield a, b
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def echo_app() -> AsyncIterator[int]:
+    """An app that echoes until EOF, then half-closes."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def echo(stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some():
+                await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, echo, listeners)
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+async def connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+def test_mtls_round_trip_logs_both_identities(pki, caplog):
+    caplog.set_level(logging.INFO)
+
+    async def main():
+        async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
+            client = await connect(a.config.interception.tcp_port)
+            await client.send_all(b"hello through mTLS")
+            await client.send_eof()
+            assert await read_to_eof(client) == b"hello through mTLS"
+            await client.aclose()
+            with trio.fail_after(5):
+                while not (a.stats.connections and b.stats.connections):
+                    await trio.sleep(0.01)
+        assert a.stats.connections[("egress", "ok")] == 1
+        assert b.stats.connections[("ingress", "ok")] == 1
+
+    trio.run(main)
+    lines = [r.getMessage() for r in caplog.records if r.name == "trio_tproxy.conn"]
+    egress = next(line for line in lines if line.startswith("egress"))
+    ingress = next(line for line in lines if line.startswith("ingress"))
+    assert f"peer={spiffe('b')}" in egress and "TLSv1.3" in egress and "outcome=ok" in egress
+    assert f"peer={spiffe('a')}" in ingress and "sent=18 received=18" in ingress
+
+
+def test_server_of_another_trust_domain_is_refused(pki, tmp_path, caplog):
+    # B's certificate comes from a second CA, in trust domain evil.org.
+    ca = certs.make_ca()
+    certs.write_cert(tmp_path / "ca2.crt", ca[0])
+    evil_cert, evil_key = certs.issue(ca[0], ca[1], spiffe_ids=["spiffe://evil.org/ns/x/sa/b"])
+    certs.write_cert(tmp_path / "evil.crt", evil_cert)
+    certs.write_key(tmp_path / "evil.key", evil_key)
+    # A trusts both CAs so that only the identity check can refuse.
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(pki["a"].ca_cert.read_bytes() + (tmp_path / "ca2.crt").read_bytes())
+    a_files = replace(pki["a"], ca_cert=bundle)
+    evil_files = TLSFiles(tmp_path / "evil.crt", tmp_path / "evil.key", bundle)
+
+    async def main():
+        async with (
+            echo_app() as app_port,
+            pods(
+                a_files, evil_files, app_port, identity=IdentityPolicy(trust_domain="evil.org")
+            ) as (a, b),
+        ):
+            client = await connect(a.config.interception.tcp_port)
+            await client.send_all(b"secret")
+            await expect_reset(client)
+            await client.aclose()
+        assert a.stats.connections[("egress", "refused")] == 1
+        assert sum(a.stats.refusals.values()) == 1
+
+    caplog.set_level(logging.WARNING)
+    trio.run(main)
+    refusal = next(
+        r.getMessage()
+        for r in caplog.records
+        if "refused" in r.getMessage() and r.getMessage().startswith("egress")
+    )
+    assert "wrong trust domain" in refusal and "spiffe://evil.org/ns/x/sa/b" in refusal
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x00" * 100, b"\x16\x03\x01\x00\x05hello"]
+)
+def test_garbage_on_tls_port_is_refused_and_others_carry_on(pki, caplog, garbage):
+    caplog.set_level(logging.WARNING)
+
+    async def main():
+        async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
+            bad = await connect(b.config.interception.tls_port)
+            await bad.send_all(garbage)
+            with trio.fail_after(5):
+                with pytest.raises(trio.BrokenResourceError):
+                    while await bad.receive_some():
+                        pass
+                    raise trio.BrokenResourceError("clean EOF")  # not expected either way
+            await bad.aclose()
+            good = await connect(a.config.interception.tcp_port)
+            await good.send_all(b"still fine")
+            await good.send_eof()
+            assert await read_to_eof(good) == b"still fine"
+            await good.aclose()
+            assert b.stats.connections[("ingress", "refused")] == 1
+
+    trio.run(main)
+    assert any(
+        "ingress" in r.getMessage() and "TLS handshake failed" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_client_without_certificate_is_refused(pki, caplog):
+    caplog.set_level(logging.WARNING)
+    from OpenSSL import SSL
+
+    async def main():
+        async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
+            ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+            ctx.load_verify_locations(str(pki["a"].ca_cert))
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", b.config.interception.tls_port))
+            from trio_tproxy.tlsstream import TLSStream
+
+            tls = TLSStream(sock, tlspolicy.new_connection(ctx, sock, server=False))
+            await tls.do_handshake()  # TLS 1.3: the client learns of the refusal on read
+            with pytest.raises(trio.BrokenResourceError):
+                with trio.fail_after(5):
+                    await tls.receive_some()
+            await tls.aclose()
+            assert b.stats.connections[("ingress", "refused")] == 1
+
+    trio.run(main)
+    assert any("no client certificate" in r.getMessage() for r in caplog.records)
+
+
+def test_slow_handshake_times_out(pki, caplog):
+    caplog.set_level(logging.WARNING)
+
+    async def main():
+        async with (
+            echo_app() as app_port,
+            pods(pki["a"], pki["b"], app_port, timeouts=Timeouts(handshake=0.5, connect=1)) as (
+                a,
+                b,
+            ),
+        ):
+            silent = await connect(b.config.interception.tls_port)
+            with trio.fail_after(5):
+                with pytest.raises(trio.BrokenResourceError):
+                    await silent.receive_some()
+            await silent.aclose()
+            assert b.stats.connections[("ingress", "refused")] == 1
+
+    trio.run(main)
+    assert any("timed out after 0.5s" in r.getMessage() for r in caplog.records)
+
+
+def test_unreachable_upstream_resets_the_app(pki, caplog):
+    caplog.set_level(logging.WARNING)
+    (closed_port,) = free_ports(1)
+
+    async def main():
+        a = sidecar(pki["a"], egress_destination=lambda sock: ("127.0.0.1", closed_port))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(a.serve)
+            client = await connect(a.config.interception.tcp_port)
+            await expect_reset(client)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+        assert a.stats.connections[("egress", "refused")] == 1
+
+    trio.run(main)
+    assert any("ECONNREFUSED" in r.getMessage() for r in caplog.records)
+
+
+def test_app_reset_reaches_remote_app_as_reset(pki):
+    async def main():
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        app_port = listeners[0].socket.getsockname()[1]
+        async with pods(pki["a"], pki["b"], app_port) as (a, b):
+            client = await connect(a.config.interception.tcp_port)
+            await client.send_all(b"x")
+            server = await listeners[0].accept()
+            assert await server.receive_some() == b"x"
+            await abort_socket_stream(server)
+            await expect_reset(client)
+            await client.aclose()
+        await listeners[0].aclose()
+
+    trio.run(main)
+
+
+def test_tls_pair_helper_verifies_identities(pki):
+    """The helper used by the relay tests really runs mutual TLS."""
+    from helpers import contexts
+
+    async def main():
+        a, b = contexts(pki["a"]), contexts(pki["b"])
+        client, server = await tls_pair(a.client, b.server)
+        assert tlspolicy.verify_server(
+            client.conn, IdentityPolicy(), "127.0.0.1"
+        ).spiffe_id == spiffe("b")
+        assert tlspolicy.verify_client(server.conn, IdentityPolicy()).spiffe_id == spiffe("a")
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)

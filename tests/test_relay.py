@@ -1,0 +1,301 @@
+"""The relay and the TLS stream over real loopback sockets and real TLS.
+
+The chain is app -> relay(plain->TLS) -> relay(TLS->plain) -> app, exactly the
+two sidecars' data path without the kernel redirection (the netns suite adds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+
+import pytest
+import trio
+
+from helpers import (
+    Contexts,
+    abort_socket_stream,
+    chain,
+    contexts,
+    expect_reset,
+    is_closed,
+    make_pki,
+    open_fds,
+    read_to_eof,
+    tcp_pair,
+    tls_pair,
+)
+from trio_tproxy.relay import relay
+from trio_tproxy.tlsstream import ConnectionReset, TLSStream, TruncatedError
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Contexts, Contexts]:
+    files = make_pki(tmp_path_factory.mktemp("pki"))
+    return contexts(files["a"]), contexts(files["b"])
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 16383, 16384, 16385, 1 << 20, 8 << 20])
+def test_data_integrity_both_ways_with_half_close(pki, size):
+    a, b = pki
+    request, answer = os.urandom(size), os.urandom(size // 2 + 3)
+
+    async def main():
+        async with chain(a, b) as ch:
+
+            async def client():
+                await ch.client.send_all(request)
+                await ch.client.send_eof()
+                assert digest(await read_to_eof(ch.client)) == digest(answer)
+
+            async def server():
+                assert digest(await read_to_eof(ch.server)) == digest(request)
+                await ch.server.send_all(answer)
+                await ch.server.send_eof()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                nursery.start_soon(server)
+        assert [r.outcome for r in ch.results] == ["ok", "ok"]
+        assert all(is_closed(leg) for leg in ch.legs)
+        # both relays see the app client's bytes as a->b and the answer as b->a
+        assert [(r.a_to_b, r.b_to_a) for r in ch.results] == [(size, len(answer))] * 2
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("who_closes_first", ["client", "server"])
+def test_half_close_then_late_answer(pki, who_closes_first):
+    """One end sends and shuts its write side; the other answers 2 s later."""
+    a, b = pki
+
+    async def main():
+        async with chain(a, b) as ch:
+            first, second = (
+                (ch.client, ch.server) if who_closes_first == "client" else (ch.server, ch.client)
+            )
+            await first.send_all(b"question")
+            await first.send_eof()
+            assert await read_to_eof(second) == b"question"
+            await trio.sleep(2)
+            answer = os.urandom(3 << 20)
+
+            async def answer_then_eof():
+                await second.send_all(answer)
+                await second.send_eof()
+
+            async with trio.open_nursery() as nursery:  # 3 MiB exceeds the socket buffers
+                nursery.start_soon(answer_then_eof)
+                assert await read_to_eof(first) == answer
+        assert [r.outcome for r in ch.results] == ["ok", "ok"]
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("who_resets", ["client", "server"])
+def test_reset_reaches_other_end_as_reset(pki, who_resets):
+    a, b = pki
+
+    async def main():
+        async with chain(a, b) as ch:
+            resetter, victim = (
+                (ch.client, ch.server) if who_resets == "client" else (ch.server, ch.client)
+            )
+            await resetter.send_all(b"hello")
+            assert await victim.receive_some(100) == b"hello"
+            await abort_socket_stream(resetter)
+            await expect_reset(victim)
+        assert {r.outcome for r in ch.results} <= {"reset"}
+        assert all(is_closed(leg) for leg in ch.legs)
+
+    trio.run(main)
+
+
+def test_reset_after_half_close_still_resets(pki):
+    """A half-closed connection that is then aborted must not look complete."""
+    a, b = pki
+
+    async def main():
+        async with chain(a, b) as ch:
+            await ch.client.send_all(b"x" * 1000)
+            await ch.client.send_eof()
+            assert len(await read_to_eof(ch.server)) == 1000
+            await abort_socket_stream(ch.server)
+            await expect_reset(ch.client)
+
+    trio.run(main)
+
+
+def test_fin_without_close_notify_reaches_app_as_reset(pki):
+    """Truncation on the TLS leg: a bare TCP FIN is never a clean EOF."""
+    a, b = pki
+
+    async def main():
+        tls_client, tls_server = await tls_pair(a.client, b.server)
+        r2_plain, app = await tcp_pair()
+        async with trio.open_nursery() as nursery:
+            results = []
+
+            async def run():
+                results.append(await relay(tls_server, r2_plain))
+
+            nursery.start_soon(run)
+            await tls_client.send_all(b"partial answer")
+            assert await app.receive_some(100) == b"partial answer"
+            tls_client.socket.shutdown(socket.SHUT_WR)  # FIN, no close_notify
+            await expect_reset(app)
+        assert results[0].outcome == "truncated"
+        await tls_client.aclose()
+        await app.aclose()
+
+    trio.run(main)
+
+
+def test_tls_stream_eof_semantics(pki):
+    a, b = pki
+
+    async def main():
+        client, server = await tls_pair(a.client, b.server)
+        await client.send_all(b"data")
+        await client.send_eof()
+        await client.send_eof()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await client.send_all(b"more")
+        assert await read_to_eof(server) == b"data"
+        assert await server.receive_some() == b""  # EOF is sticky
+        # the other direction still works after our send_eof
+        await server.send_all(b"reply")
+        await server.send_eof()
+        assert await read_to_eof(client) == b"reply"
+        await client.aclose()
+        await client.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await client.receive_some()
+        await server.aclose()
+
+    trio.run(main)
+
+
+def test_tls_stream_reset_and_truncation_are_distinct(pki):
+    a, b = pki
+
+    async def main():
+        client, server = await tls_pair(a.client, b.server)
+        await client.abort()
+        with pytest.raises(ConnectionReset):
+            await server.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()  # broken state is sticky
+        await server.aclose()
+
+        client, server = await tls_pair(a.client, b.server)
+        await client.send_all(b"x" * 40000)
+        client.socket.shutdown(socket.SHUT_WR)
+        received = b""
+        with pytest.raises(TruncatedError):
+            while True:
+                received += await server.receive_some()
+        assert received == b"x" * 40000  # data before the cut is still delivered
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)
+
+
+def test_receive_drains_several_records(pki):
+    a, b = pki
+
+    async def main():
+        client, server = await tls_pair(a.client, b.server)
+        await client.send_all(b"y" * (128 * 1024))
+        await trio.sleep(0.1)  # let every record arrive
+        data = await server.receive_some()
+        assert len(data) > 16384, "one receive_some should drain many 16 KiB records"
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)
+
+
+def test_half_close_timeout_aborts_both(pki):
+    a, b = pki
+
+    async def main():
+        async with chain(a, b, half_close_timeout=0.5) as ch:
+            await ch.client.send_eof()
+            assert await read_to_eof(ch.server) == b""
+            # the server never finishes: after 0.5 s both relays give up
+            await expect_reset(ch.client)
+        assert "timeout" in {r.outcome for r in ch.results}
+        assert all(is_closed(leg) for leg in ch.legs)
+
+    trio.run(main)
+
+
+def test_cancelling_the_relay_closes_both_sockets(pki):
+    a, b = pki
+
+    async def main():
+        x, app = await tcp_pair()
+        y_client, y = await tls_pair(a.client, b.server)
+        with trio.move_on_after(0.3):
+            await relay(x, y)
+        assert is_closed(x) and is_closed(y)
+        await expect_reset(app)
+        with pytest.raises(trio.BrokenResourceError):
+            await y_client.receive_some()
+        await app.aclose()
+        await y_client.aclose()
+
+    trio.run(main)
+
+
+def test_no_fd_growth_after_1000_connections(pki):
+    a, b = pki
+
+    async def one() -> None:
+        async with chain(a, b) as ch:
+            await ch.client.send_all(b"ping")
+            await ch.client.send_eof()
+            assert await read_to_eof(ch.server) == b"ping"
+            await ch.server.send_all(b"pong")
+            await ch.server.send_eof()
+            assert await read_to_eof(ch.client) == b"pong"
+
+    async def main():
+        await one()  # warm up lazily opened fds (e.g. the trio wakeup fd)
+        before = open_fds()
+        limiter = trio.CapacityLimiter(20)
+
+        async def limited():
+            async with limiter:
+                await one()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(1000):
+                nursery.start_soon(limited)
+        assert open_fds() == before
+
+    trio.run(main)
+
+
+def test_tls_stream_rejects_concurrent_receivers(pki):
+    a, b = pki
+
+    async def main():
+        client, server = await tls_pair(a.client, b.server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.receive_some)
+            await trio.sleep(0.05)
+            with pytest.raises(trio.BusyResourceError):
+                await server.receive_some()
+            await client.send_all(b"z")
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)

@@ -1,0 +1,193 @@
+"""Configuration: frozen dataclasses, built once from the command line.
+
+Nothing here touches the kernel or the network; every value is validated when
+the dataclass is built, so the rest of the program never re-checks a flag.
+Parsing errors are :class:`ConfigError` and carry one human-readable line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: The reference design's cluster ranges, plus IPv6 unique-local addresses.
+DEFAULT_INTERCEPT_CIDRS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("10.0.0.0/8"),
+    ipaddress.ip_network("172.16.0.0/12"),
+    ipaddress.ip_network("192.168.0.0/16"),
+    ipaddress.ip_network("fc00::/7"),
+)
+
+
+class ConfigError(ValueError):
+    """A bad flag, file or value. ``str(exc)`` is the one line shown to the user."""
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
+
+
+def parse_port(text: str | int, *, allow_zero: bool = False) -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid port {text!r}: not a number") from None
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"invalid port {port}: must be in {low}..65535")
+    return port
+
+
+def parse_mark(text: str | int) -> int:
+    try:
+        mark = int(text, 0) if isinstance(text, str) else int(text)
+    except ValueError:
+        raise ConfigError(f"invalid mark {text!r}: not a number") from None
+    if not 1 <= mark <= 0xFFFFFFFF:
+        raise ConfigError(f"invalid mark {mark}: must be in 1..0xffffffff")
+    return mark
+
+
+def parse_spiffe_id(text: str) -> tuple[str, str]:
+    """Split ``spiffe://<trust-domain>/<path>`` into (trust domain, path).
+
+    A trailing ``/`` is allowed (it makes an allow-list prefix).
+    """
+    prefix = "spiffe://"
+    if not text.startswith(prefix):
+        raise ConfigError(f"invalid SPIFFE ID {text!r}: must start with {prefix}")
+    rest = text[len(prefix) :]
+    domain, _, path = rest.partition("/")
+    check_trust_domain(domain, what=f"SPIFFE ID {text!r}")
+    return domain, "/" + path if path or rest.endswith("/") else ""
+
+
+def check_trust_domain(domain: str, *, what: str = "trust domain") -> str:
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-._")
+    if not domain or not set(domain) <= allowed:
+        raise ConfigError(
+            f"invalid {what}: trust domain {domain!r} must be non-empty lowercase letters, "
+            "digits, '-', '.', '_'"
+        )
+    return domain
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. Every wait on a peer is bounded by one of these."""
+
+    handshake: float = 10.0
+    connect: float = 5.0
+    #: How long one direction may stay open after the other has finished.
+    half_close: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("handshake", "connect", "half_close"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(
+                    f"invalid {name.replace('_', '-')} timeout {value!r}: must be > 0"
+                )
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+    ca_cert: Path
+
+
+@dataclass(frozen=True)
+class IdentityPolicy:
+    """How a peer's certificate must name it.
+
+    ``spiffe``: exactly one URI SAN in ``trust_domain``, optionally in ``allow_ids``
+    (exact IDs, or prefixes ending in ``/``). ``ip``: the server's certificate must
+    carry an IP SAN equal to the original destination (client certificates are
+    then only chain-verified, as in the reference design).
+    """
+
+    mode: Literal["spiffe", "ip"] = "spiffe"
+    trust_domain: str = "cluster.local"
+    allow_ids: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("spiffe", "ip"):
+            raise ConfigError(f"invalid verify mode {self.mode!r}: must be spiffe or ip")
+        check_trust_domain(self.trust_domain)
+        for allowed in self.allow_ids:
+            domain, _ = parse_spiffe_id(allowed)
+            if domain != self.trust_domain:
+                raise ConfigError(
+                    f"--allow-id {allowed!r} is outside trust domain {self.trust_domain!r}"
+                )
+
+
+@dataclass(frozen=True)
+class Interception:
+    """What the nftables table and the policy routes intercept, and how."""
+
+    table: str = "trio_tproxy"
+    intercept_cidrs: tuple[IPNetwork, ...] = DEFAULT_INTERCEPT_CIDRS
+    exclude_cidrs: tuple[IPNetwork, ...] = ()
+    exclude_inbound_ports: tuple[int, ...] = ()
+    exclude_outbound_ports: tuple[int, ...] = ()
+    #: Plaintext (egress) listener and TLS (ingress) listener, on loopback.
+    tcp_port: int = 1
+    tls_port: int = 2
+    #: Packets marked with this are recirculated through ``lo`` into the proxy.
+    recirculate_mark: int = 10
+    #: The proxy's own sockets carry this so they are never intercepted.
+    bypass_mark: int = 12
+    #: Policy-routing table holding the ``local`` default routes.
+    route_table: int = 10
+    #: Priority of the ``ip rule`` (0 lets the kernel choose, like ``ip rule add``).
+    rule_priority: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.table or not self.table.replace("_", "").isalnum():
+            raise ConfigError(f"invalid nft table name {self.table!r}: letters, digits, '_'")
+        if self.tcp_port == self.tls_port:
+            raise ConfigError(f"--tcp-port and --tls-port are both {self.tcp_port}")
+        if self.recirculate_mark == self.bypass_mark:
+            raise ConfigError("the recirculate and bypass marks must differ")
+        if not 1 <= self.route_table <= 0xFFFFFFFF or self.route_table in (253, 254, 255):
+            raise ConfigError(f"invalid route table {self.route_table}: not 253/254/255")
+
+    @property
+    def cidrs4(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(n for n in self.intercept_cidrs if isinstance(n, ipaddress.IPv4Network))
+
+    @property
+    def cidrs6(self) -> tuple[ipaddress.IPv6Network, ...]:
+        return tuple(n for n in self.intercept_cidrs if isinstance(n, ipaddress.IPv6Network))
+
+    @property
+    def excluded4(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(n for n in self.exclude_cidrs if isinstance(n, ipaddress.IPv4Network))
+
+    @property
+    def excluded6(self) -> tuple[ipaddress.IPv6Network, ...]:
+        return tuple(n for n in self.exclude_cidrs if isinstance(n, ipaddress.IPv6Network))
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """Everything ``trio-tproxy run`` needs, validated."""
+
+    tls: TLSFiles
+    identity: IdentityPolicy = field(default_factory=IdentityPolicy)
+    interception: Interception = field(default_factory=Interception)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    verbosity: int = 0
+    #: Install nftables rules and routes (False: an init container did it).
+    manage_rules: bool = True
+    #: Seconds between route checks (the IPv6 local route vanishes when lo flaps).
+    route_check_interval: float = 5.0

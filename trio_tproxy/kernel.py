@@ -1,0 +1,314 @@
+"""The one module that talks to the kernel about sockets and routing.
+
+Why one module: every socket option and netlink call the proxy depends on is
+here, next to what was verified about it (KERNEL-NOTES.md), so the rest of the
+program deals in plain calls and one error type per concern.
+
+Sockets: :func:`set_transparent` (bind to / accept for foreign addresses, needed
+by TPROXY listeners), :func:`set_mark` (SO_MARK, so the proxy's own sockets
+bypass interception), :func:`set_abort_on_close` (close sends RST, so a broken
+relay looks broken to the peer) and :func:`original_destination`. They accept a
+stdlib or a trio socket.
+
+Routing: :class:`PolicyRoutes` owns the two ``ip rule`` and two ``local
+default`` routes that loop marked egress back through ``lo``. Idempotence is by
+errno and by comparing netlink attributes, never by matching messages. The
+IPv6 local route disappears when ``lo`` goes down and up and never comes back
+(egress would then silently bypass the proxy), so :meth:`PolicyRoutes.repair`
+is meant to be called periodically.
+
+Netlink calls block: from trio, run them with ``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .config import Interception
+
+#: Python has no ``socket.IPV6_TRANSPARENT``; it is 75 at level IPPROTO_IPV6.
+IPV6_TRANSPARENT: Final = 75
+SOL_IP: Final = socket.SOL_IP
+IP_TRANSPARENT: Final = socket.IP_TRANSPARENT
+
+_IFF_UP: Final = 0x1
+_RTN_LOCAL: Final = 2
+_RT_SCOPE_HOST: Final = 254
+_FR_ACT_TO_TBL: Final = 1
+_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6)
+
+
+class SocketLike(Protocol):
+    """What the socket helpers need: a stdlib ``socket.socket`` or a trio socket."""
+
+    @property
+    def family(self) -> int: ...
+
+    def setsockopt(self, level: int, optname: int, value: int | bytes, /) -> None: ...
+
+    def getsockname(self) -> Any: ...
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def set_transparent(sock: SocketLike) -> None:
+    """IP_TRANSPARENT / IPV6_TRANSPARENT, by the socket's family. Needs CAP_NET_ADMIN."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(SOL_IP, IP_TRANSPARENT, 1)
+    elif sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        raise ValueError(f"transparent sockets must be IPv4 or IPv6, not {sock.family!r}")
+
+
+def set_mark(sock: SocketLike, mark: int) -> None:
+    """SO_MARK: every packet this socket sends carries ``mark``. Needs CAP_NET_ADMIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+
+def set_abort_on_close(sock: SocketLike) -> None:
+    """SO_LINGER {on, 0}: closing the socket sends RST instead of FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def original_destination(sock: SocketLike) -> tuple[str, int]:
+    """Where the client meant to connect, for a socket accepted from a TPROXY listener.
+
+    TPROXY keeps the original destination as the accepted socket's local
+    address. IPv6 flow info and scope are dropped; an IPv4-mapped IPv6 address
+    (a dual-stack socket) is returned as plain IPv4.
+    """
+    name = sock.getsockname()
+    host = str(name[0]).split("%", 1)[0]
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), int(name[1])
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class RouteError(OSError):
+    """Adding or removing a policy rule or route failed. ``str()`` names the object."""
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    kind: str  # "rule" or "route"
+    family: int
+
+
+_WANTED: Final = tuple(_Wanted(kind, family) for kind in ("rule", "route") for family in _FAMILIES)
+#: How :meth:`PolicyRoutes.missing` and :meth:`PolicyRoutes.repair` name a down ``lo``.
+LO_UP: Final = "link lo up"
+
+
+class PolicyRoutes:
+    """``ip rule fwmark <mark> iif lo lookup <table>`` and ``local default dev lo``, both families.
+
+    With ``netns``, every call works in that named network namespace (tests);
+    the namespace must exist, it is never created.
+    """
+
+    def __init__(self, ic: Interception, netns: str | None = None) -> None:
+        self.ic = ic
+        self.netns = netns
+
+    # -- public
+
+    def install(self) -> None:
+        """Set ``lo`` up and add the four objects; adding what exists is a no-op."""
+        with self._ipr() as ipr:
+            lo = self._lo_index(ipr)
+            if not self._lo_is_up(ipr, lo):
+                self._set_lo_up(ipr, lo)
+            for want in _WANTED:
+                if want.kind == "rule" and not self.ic.rule_priority:
+                    # Without a priority the kernel picks a new one each time
+                    # and never answers EEXIST: look before adding.
+                    if self._find_rules(ipr, want.family):
+                        continue
+                self._add(ipr, want, lo)
+
+    def remove(self) -> None:
+        """Delete what :meth:`install` adds (nothing else); absent objects are fine."""
+        with self._ipr() as ipr:
+            lo = self._lo_index(ipr)
+            for want in _WANTED:
+                if want.kind == "rule":
+                    for priority in self._find_rules(ipr, want.family):
+                        self._tolerate(self._delete_rule, ipr, want, priority)
+                else:
+                    self._tolerate(self._delete_route, ipr, want, lo)
+
+    def missing(self) -> list[str]:
+        """What is not in place now, each as a short description (empty: all good)."""
+        with self._ipr() as ipr:
+            lo = self._lo_index(ipr)
+            down = [] if self._lo_is_up(ipr, lo) else [LO_UP]
+            return down + [self._describe(w) for w in self._missing(ipr, lo)]
+
+    def repair(self) -> list[str]:
+        """Set ``lo`` up and re-add whatever is missing; say what was restored."""
+        restored: list[str] = []
+        with self._ipr() as ipr:
+            lo = self._lo_index(ipr)
+            if not self._lo_is_up(ipr, lo):
+                self._set_lo_up(ipr, lo)
+                restored.append(LO_UP)
+            for want in self._missing(ipr, lo):
+                self._add(ipr, want, lo)
+                restored.append(self._describe(want))
+        return restored
+
+    def _describe(self, want: _Wanted) -> str:
+        ic = self.ic
+        six = " -6" if want.family == socket.AF_INET6 else ""
+        if want.kind == "rule":
+            prio = f" priority {ic.rule_priority}" if ic.rule_priority else ""
+            return f"ip{six} rule fwmark {ic.recirculate_mark} iif lo lookup {ic.route_table}{prio}"
+        dst = "::/0" if want.family == socket.AF_INET6 else "0.0.0.0/0"
+        return f"ip{six} route local {dst} dev lo table {ic.route_table}"
+
+    # -- netlink
+
+    @contextmanager
+    def _ipr(self) -> Iterator[Any]:
+        # flags=0: never create the namespace (pyroute2's default is O_CREAT).
+        kwargs: dict[str, Any] = {"ext_ack": True}
+        if self.netns is not None:
+            kwargs.update(netns=self.netns, flags=0)
+        ipr = IPRoute(**kwargs)
+        try:
+            yield ipr
+        finally:
+            ipr.close()
+
+    def _lo_index(self, ipr: Any) -> int:
+        found = ipr.link_lookup(ifname="lo")
+        if not found:
+            raise RouteError(errno.ENODEV, "no loopback interface 'lo'")
+        return int(found[0])
+
+    def _lo_is_up(self, ipr: Any, lo: int) -> bool:
+        return bool(ipr.get_links(lo)[0]["flags"] & _IFF_UP)
+
+    def _set_lo_up(self, ipr: Any, lo: int) -> None:
+        try:
+            ipr.link("set", index=lo, state="up")
+        except NetlinkError as exc:
+            raise _error(exc, "ip link set lo up") from exc
+
+    def _find_rules(self, ipr: Any, family: int) -> list[int]:
+        """Priorities of the rules in ``family`` that are ours (duplicates included)."""
+        ic = self.ic
+        found = []
+        for rule in ipr.get_rules(family=family):
+            priority = rule.get_attr("FRA_PRIORITY") or 0
+            table = rule.get_attr("FRA_TABLE") or rule["table"]
+            if (
+                rule["action"] == _FR_ACT_TO_TBL
+                and table == ic.route_table
+                and rule.get_attr("FRA_FWMARK") == ic.recirculate_mark
+                and rule.get_attr("FRA_FWMASK") in (None, 0xFFFFFFFF)
+                and rule.get_attr("FRA_IIFNAME") == "lo"
+                and rule.get_attr("FRA_OIFNAME") is None
+                and rule["src_len"] == 0
+                and rule["dst_len"] == 0
+                and (not ic.rule_priority or priority == ic.rule_priority)
+            ):
+                found.append(int(priority))
+        return found
+
+    def _has_route(self, ipr: Any, family: int, lo: int) -> bool:
+        return any(
+            route["type"] == _RTN_LOCAL
+            and route["dst_len"] == 0
+            and route.get_attr("RTA_OIF") == lo
+            and (route.get_attr("RTA_TABLE") or route["table"]) == self.ic.route_table
+            for route in ipr.get_routes(family=family, table=self.ic.route_table)
+        )
+
+    def _missing(self, ipr: Any, lo: int) -> list[_Wanted]:
+        return [
+            want
+            for want in _WANTED
+            if not (
+                self._find_rules(ipr, want.family)
+                if want.kind == "rule"
+                else self._has_route(ipr, want.family, lo)
+            )
+        ]
+
+    def _add(self, ipr: Any, want: _Wanted, lo: int) -> None:
+        ic = self.ic
+        try:
+            if want.kind == "rule":
+                ipr.rule(
+                    "add",
+                    family=want.family,
+                    fwmark=ic.recirculate_mark,
+                    iifname="lo",
+                    table=ic.route_table,
+                    # None: no FRA_PRIORITY, the kernel chooses (pyroute2 would send 32000).
+                    priority=ic.rule_priority or None,
+                )
+            else:
+                ipr.route("add", **self._route_spec(want.family, lo))
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise _error(exc, self._describe(want)) from exc
+
+    def _route_spec(self, family: int, lo: int) -> dict[str, Any]:
+        v4 = family == socket.AF_INET
+        return {
+            "family": family,
+            "dst": "0.0.0.0/0" if v4 else "::/0",
+            "type": "local",
+            "oif": lo,
+            "table": self.ic.route_table,
+            # iproute2 infers scope host for IPv4 local routes; the kernel
+            # rejects scope universe with EINVAL ("Invalid scope").
+            "scope": _RT_SCOPE_HOST if v4 else 0,
+        }
+
+    def _delete_rule(self, ipr: Any, want: _Wanted, priority: int) -> None:
+        ipr.rule(
+            "del",
+            family=want.family,
+            fwmark=self.ic.recirculate_mark,
+            iifname="lo",
+            table=self.ic.route_table,
+            priority=priority or None,
+        )
+
+    def _delete_route(self, ipr: Any, want: _Wanted, lo: int) -> None:
+        ipr.route("del", **self._route_spec(want.family, lo))
+
+    def _tolerate(
+        self, delete: Callable[[Any, _Wanted, int], None], ipr: Any, want: _Wanted, arg: int
+    ) -> None:
+        try:
+            delete(ipr, want, arg)
+        except NetlinkError as exc:
+            # Already gone: ENOENT (rules, IPv6 routes) or ESRCH (IPv4 routes).
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise _error(exc, f"delete {self._describe(want)}") from exc
+
+
+def _error(exc: NetlinkError, what: str) -> RouteError:
+    hint = " (needs CAP_NET_ADMIN)" if exc.code == errno.EPERM else ""
+    message = exc.args[1] if len(exc.args) > 1 else errno.errorcode.get(exc.code, "")
+    return RouteError(exc.code, f"{what}: {message}{hint}")

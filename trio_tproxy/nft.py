@@ -1,0 +1,315 @@
+"""nftables as data: render the whole interception table, load it with one ``nft -f -``.
+
+Why a module of its own (the knftables model): rendering is separate from
+running. :func:`render` is a pure function from an :class:`Interception` to the
+exact text of one nft transaction, so it is tested against golden files without
+root. :class:`Nft` feeds that text to a single ``nft -f -`` process, so the kernel
+applies all of it or none of it; a crash can never leave half a ruleset.
+
+The transaction is ``add table`` / ``delete table`` / ``table { ... }``: adding
+first makes the delete succeed whether or not a table was left by an earlier
+(crashed) run, so applying is also how we reconcile, and applying twice is the
+same as applying once.
+
+How a connection is intercepted (see KERNEL-NOTES.md):
+
+* egress: chain ``output`` (``type route``, so a changed mark re-routes the
+  packet) marks the pod's outgoing TCP to intercepted destinations with the
+  recirculate mark; ``ip rule fwmark <mark> iif lo lookup <table>`` plus a
+  ``local default`` route in that table loop it back through ``lo``, where
+  chain ``prerouting`` TPROXYs it to the plaintext listener on ``tcp_port``.
+* ingress: TCP arriving on any other interface for an intercepted address is
+  TPROXYed to the mutual-TLS listener on ``tls_port``.
+* the proxy's own sockets carry the bypass mark and are never touched.
+
+Every set is always declared, empty or not, so the table has one shape whatever
+the configuration. An empty ``cidrs4`` or ``cidrs6`` is correct: ``ip daddr !=
+@cidrs4 return`` then returns every IPv4 packet, i.e. IPv4 is not intercepted.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+
+from .config import Interception
+
+#: ``run(argv, stdin)``: run one command, feed it ``stdin``, never raise on exit status.
+Runner = Callable[[Sequence[str], str], "subprocess.CompletedProcess[str]"]
+
+#: Seconds one nft run may take before we give up on it.
+NFT_TIMEOUT = 30.0
+
+
+# --------------------------------------------------------------------------- render
+
+
+def _elements(items: Sequence[str]) -> list[str]:
+    return [f"\t\telements = {{ {', '.join(items)} }}"] if items else []
+
+
+def _set(name: str, type_: str, comment: str, items: Sequence[str], interval: bool) -> list[str]:
+    flags = ["\t\tflags interval"] if interval else []
+    return [
+        f"\tset {name} {{",
+        f"\t\ttype {type_}",
+        *flags,
+        f'\t\tcomment "{comment}"',
+        *_elements(items),
+        "\t}",
+    ]
+
+
+def _cidrs(networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> list[str]:
+    # collapse_addresses sorts and merges overlaps: nft rejects overlapping
+    # elements in an interval set ("conflicting intervals specified").
+    nets = list(networks)
+    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
+    collapsed = [*ipaddress.collapse_addresses(v4), *ipaddress.collapse_addresses(v6)]
+    return [str(n) for n in collapsed]
+
+
+def _ports(ports: Iterable[int]) -> list[str]:
+    return [str(p) for p in sorted(set(ports))]
+
+
+def _rule(text: str, comment: str) -> str:
+    return f'\t\t{text} comment "{comment}"'
+
+
+def render(ic: Interception) -> str:
+    """The whole transaction that (re)creates table ``inet <ic.table>``.
+
+    Deterministic: the same configuration always gives the same text, whatever
+    the order of CIDRs and ports in it.
+    """
+    t = ic.table
+    mark, bypass = ic.recirculate_mark, ic.bypass_mark
+    tcp, tls = ic.tcp_port, ic.tls_port
+    lines = [
+        "# trio-tproxy interception table: load with one `nft -f -` (all or nothing).",
+        "# add + delete first, so any table left by an earlier run is replaced.",
+        f"add table inet {t}",
+        f"delete table inet {t}",
+        f"table inet {t} {{",
+        '\tcomment "trio-tproxy: transparent mutual-TLS interception"',
+        *_set("cidrs4", "ipv4_addr", "intercepted IPv4 destinations", _cidrs(ic.cidrs4), True),
+        *_set("cidrs6", "ipv6_addr", "intercepted IPv6 destinations", _cidrs(ic.cidrs6), True),
+        *_set("exclude4", "ipv4_addr", "IPv4 peers never intercepted", _cidrs(ic.excluded4), True),
+        *_set("exclude6", "ipv6_addr", "IPv6 peers never intercepted", _cidrs(ic.excluded6), True),
+        *_set(
+            "in_ports",
+            "inet_service",
+            "local ports whose inbound TCP is not intercepted",
+            _ports(ic.exclude_inbound_ports),
+            False,
+        ),
+        *_set(
+            "out_ports",
+            "inet_service",
+            "remote ports whose outbound TCP is not intercepted",
+            _ports(ic.exclude_outbound_ports),
+            False,
+        ),
+        "\tchain prerouting {",
+        '\t\tcomment "TPROXY ingress to the TLS listener, looped-back egress to the TCP listener"',
+        "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
+        # First, so that no ingress exclusion below can catch looped-back egress
+        # (an excluded inbound port may well be some other pod's service port).
+        _rule(
+            f"meta mark {mark} meta l4proto tcp tproxy ip to 127.0.0.1:{tcp} accept",
+            "egress looped back through lo: plaintext listener",
+        ),
+        _rule(
+            f"meta mark {mark} meta l4proto tcp tproxy ip6 to [::1]:{tcp} accept",
+            "egress looped back through lo: plaintext listener (IPv6)",
+        ),
+        _rule(
+            'iifname "lo" return', "other local traffic, e.g. the proxy's own dials, is not ingress"
+        ),
+        _rule("ip daddr != @cidrs4 return", "IPv4 destination not intercepted"),
+        _rule("ip6 daddr != @cidrs6 return", "IPv6 destination not intercepted"),
+        _rule("ip saddr @exclude4 return", "excluded IPv4 source"),
+        _rule("ip6 saddr @exclude6 return", "excluded IPv6 source"),
+        _rule("tcp dport @in_ports return", "excluded inbound port"),
+        _rule(
+            f"meta l4proto tcp tproxy ip to 127.0.0.1:{tls} accept",
+            "ingress: mutual-TLS listener",
+        ),
+        _rule(
+            f"meta l4proto tcp tproxy ip6 to [::1]:{tls} accept",
+            "ingress: mutual-TLS listener (IPv6)",
+        ),
+        "\t}",
+        "\tchain output {",
+        # nft 1.0.6 rejects `priority srcnat - 5` here; 95 is the same number.
+        # `type route`: a packet whose mark changes is routed again.
+        '\t\tcomment "mark egress TCP so that policy routing loops it back through lo"',
+        "\t\ttype route hook output priority 95; policy accept;",
+        _rule(f"meta mark {bypass} return", "the proxy's own sockets (bypass SO_MARK)"),
+        _rule("ip daddr != @cidrs4 return", "IPv4 destination not intercepted"),
+        _rule("ip6 daddr != @cidrs6 return", "IPv6 destination not intercepted"),
+        _rule("ip daddr @exclude4 return", "excluded IPv4 destination"),
+        _rule("ip6 daddr @exclude6 return", "excluded IPv6 destination"),
+        _rule("tcp dport @out_ports return", "excluded outbound port"),
+        _rule(
+            f'oifname != "lo" meta l4proto tcp meta mark set {mark}',
+            f"egress: ip rule fwmark {mark} sends it to route table {ic.route_table}",
+        ),
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_delete(ic: Interception) -> str:
+    """A transaction that deletes the table, and succeeds if it is already absent."""
+    return f"add table inet {ic.table}\ndelete table inet {ic.table}\n"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class NftErrorKind(enum.Enum):
+    #: The ``nft`` (or ``ip``, for ``ip netns exec``) binary is missing.
+    NOT_INSTALLED = "not-installed"
+    #: No CAP_NET_ADMIN (not root, or the capability was dropped).
+    PERMISSION = "permission"
+    #: nft reported ENOENT: the table (or an object it names) does not exist.
+    NOT_FOUND = "not-found"
+    #: Anything else: syntax errors, missing kernel support, timeouts.
+    FAILED = "failed"
+
+
+class NftError(RuntimeError):
+    """An nft run failed. ``str(exc)`` is one line; ``kind`` says why."""
+
+    def __init__(
+        self,
+        kind: NftErrorKind,
+        argv: Sequence[str],
+        message: str,
+        returncode: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.argv = tuple(argv)
+        self.returncode = returncode
+
+
+def one_line(text: str) -> str:
+    """nft's multi-line error output as one line (caret markers dropped)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return " | ".join(line for line in lines if line and set(line) - set("^~ "))
+
+
+def classify(
+    argv: Sequence[str],
+    *,
+    returncode: int | None = None,
+    stderr: str = "",
+    exc: BaseException | None = None,
+) -> NftError:
+    """The one place that decides what kind of failure an nft run was.
+
+    Either ``exc`` (the runner could not start the process, or it timed out) or
+    ``returncode``/``stderr`` (it ran and failed). nft only reports errors as
+    text, so this matches its messages (and ``ip netns exec``'s) here and
+    nowhere else.
+    """
+    cmd = " ".join(argv)
+    if isinstance(exc, FileNotFoundError):
+        missing = exc.filename or argv[0]
+        return NftError(
+            NftErrorKind.NOT_INSTALLED,
+            argv,
+            f"{cmd}: {missing!s} is not installed (install nftables / iproute2)",
+            returncode,
+        )
+    if isinstance(exc, PermissionError):
+        return NftError(
+            NftErrorKind.PERMISSION, argv, f"{cmd}: cannot execute: {exc.strerror}", returncode
+        )
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return NftError(
+            NftErrorKind.FAILED, argv, f"{cmd}: no answer after {exc.timeout:g}s", returncode
+        )
+    if exc is not None:
+        return NftError(NftErrorKind.FAILED, argv, f"{cmd}: {exc}", returncode)
+
+    detail = one_line(stderr) or f"exit status {returncode}"
+    lines = stderr.splitlines()
+    if any(line.startswith("exec of ") and "No such file" in line for line in lines):
+        # `ip netns exec NS nft` with no nft on PATH.
+        return NftError(
+            NftErrorKind.NOT_INSTALLED, argv, f"{cmd}: nft is not installed: {detail}", returncode
+        )
+    if "Operation not permitted" in stderr:
+        return NftError(
+            NftErrorKind.PERMISSION,
+            argv,
+            f"{cmd}: needs CAP_NET_ADMIN (run as root or grant it): {detail}",
+            returncode,
+        )
+    # nft's own ENOENT ("Error: No such file or directory", "Error: Could not
+    # process rule: No such file or directory"); not ip's "Cannot open network
+    # namespace ...: No such file or directory", which is a plain failure.
+    if any("Error:" in line and line.endswith("No such file or directory") for line in lines):
+        return NftError(NftErrorKind.NOT_FOUND, argv, f"{cmd}: {detail}", returncode)
+    return NftError(NftErrorKind.FAILED, argv, f"{cmd}: {detail}", returncode)
+
+
+# --------------------------------------------------------------------------- runner
+
+
+def run_subprocess(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
+    """The default runner: a real process, output captured, no exception on failure."""
+    return subprocess.run(
+        list(argv), input=stdin, capture_output=True, text=True, check=False, timeout=NFT_TIMEOUT
+    )
+
+
+class Nft:
+    """Runs nft, each call one process (``ip netns exec NS nft ...`` with ``netns``)."""
+
+    def __init__(self, run: Runner | None = None, netns: str | None = None) -> None:
+        self._run: Runner = run if run is not None else run_subprocess
+        self.netns = netns
+
+    def argv(self, *args: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns is not None else []
+        return [*prefix, "nft", *args]
+
+    def apply(self, ic: Interception) -> None:
+        """Create or replace the whole table, atomically."""
+        self._call(("-f", "-"), render(ic))
+
+    def delete(self, ic: Interception) -> None:
+        """Delete the table; not an error if it is absent."""
+        self._call(("-f", "-"), render_delete(ic))
+
+    def check(self, text: str) -> None:
+        """Have nft and the kernel validate ``text`` without applying it."""
+        self._call(("--check", "-f", "-"), text)
+
+    def list_table(self, ic: Interception) -> str | None:
+        """``nft list table inet <table>``, or None if there is no such table."""
+        try:
+            return self._call(("list", "table", "inet", ic.table), "")
+        except NftError as exc:
+            if exc.kind is NftErrorKind.NOT_FOUND:
+                return None
+            raise
+
+    def _call(self, args: Sequence[str], stdin: str) -> str:
+        argv = self.argv(*args)
+        try:
+            proc = self._run(argv, stdin)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise classify(argv, exc=exc) from exc
+        if proc.returncode != 0:
+            raise classify(argv, returncode=proc.returncode, stderr=proc.stderr or "")
+        return proc.stdout or ""

@@ -1,0 +1,314 @@
+"""A trio ``HalfCloseableStream`` over a pyOpenSSL ``Connection``.
+
+General theory of operation
+---------------------------
+OpenSSL owns the socket: the ``Connection`` is built on the non-blocking fd of
+a trio socket and does its own ``read``/``write`` syscalls.  Whenever it says
+``WantReadError`` / ``WantWriteError`` we park on
+``trio.lowlevel.wait_readable`` / ``wait_writable`` and retry the *same* call.
+
+A relay uses one stream from two tasks at once (one reads, one writes), and
+either call may need either event (a read may have to send a TLS 1.3
+KeyUpdate; a write may have to read).  trio allows only one waiter per socket
+per event, so each event has a lock.  A task that finds the lock taken does
+not wait on the socket: it waits for the other task's wait to end and then
+*retries its own call*, because the other task may have consumed the very
+readiness it needed (OpenSSL buffers what it read).
+
+States: OK -> BROKEN (any transport/TLS error; every later call raises
+``BrokenResourceError``) and OK/BROKEN -> CLOSED (``aclose``/``abort``; later
+calls raise ``ClosedResourceError``).  All OpenSSL and OS errors are
+translated into trio exceptions in :meth:`_translate`, nowhere else.
+
+End of stream, exactly:
+
+* ``send_eof()`` sends close_notify, then ``shutdown(SHUT_WR)``; reading goes
+  on (TLS 1.2 and 1.3 both allow it).  Idempotent.
+* ``receive_some()`` returns ``b""`` only after the peer's close_notify.  A
+  TCP FIN without close_notify means someone cut the stream: that raises
+  :class:`TruncatedError`, never a clean EOF, so a relay turns it into a reset.
+* ECONNRESET raises :class:`ConnectionReset`.  Both are ``BrokenResourceError``.
+* ``aclose()`` always closes the fd.  ``abort()`` closes it with
+  ``SO_LINGER {1, 0}`` so the peer gets an RST.
+
+Throughput: a read drains every record OpenSSL can produce without blocking
+(several 16 KiB records) before returning, so a relay makes one scheduler
+round trip per socket-buffer-full rather than per record.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import socket as _stdsocket
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+from OpenSSL import SSL
+
+from . import kernel
+
+T = TypeVar("T")
+
+#: Upper bound of one ``receive_some()``; about a socket buffer's worth.
+DEFAULT_RECEIVE_SIZE = 256 * 1024
+#: OpenSSL hands out at most one record (16 KiB) per SSL_read.
+_RECORD = 16 * 1024
+#: Largest slice given to one SSL_write: big enough to fill the socket buffer
+#: in one call, small enough to bound the memory OpenSSL holds in flight.
+_SEND_CHUNK = 256 * 1024
+
+
+class TruncatedError(trio.BrokenResourceError):
+    """The peer's TCP stream ended without a TLS close_notify."""
+
+
+class ConnectionReset(trio.BrokenResourceError):
+    """The peer reset the TCP connection."""
+
+
+class TLSAlertError(trio.BrokenResourceError):
+    """The TLS layer failed (an alert, a protocol error, a failed handshake)."""
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """One TLS connection over one trio TCP socket.  See the module docstring."""
+
+    def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection) -> None:
+        self.socket = sock
+        self.conn = conn
+        self._state = _State.OK
+        self._handshake_done = False
+        self._eof_sent = False
+        self._eof_received = False
+        self._sending = False
+        self._receiving = False
+        #: An error met while draining, raised after the data drained with it.
+        self._pending_error: BaseException | None = None
+        self._readable_lock = trio.Lock()
+        self._writable_lock = trio.Lock()
+
+    # -- the one retry loop ------------------------------------------------
+
+    async def _wait(self, lock: trio.Lock, wait: Callable[[int], object]) -> None:
+        if lock.locked():
+            # Someone else is waiting for this event: wait for them, then retry.
+            async with lock:
+                return
+        async with lock:
+            await wait(self.socket.fileno())  # type: ignore[misc]
+
+    async def _retry(self, fn: Callable[..., T], *args: object) -> T:
+        self._check_usable()
+        while True:
+            try:
+                return fn(*args)
+            except SSL.WantReadError:
+                await self._wait(self._readable_lock, trio.lowlevel.wait_readable)
+            except SSL.WantWriteError:
+                await self._wait(self._writable_lock, trio.lowlevel.wait_writable)
+            except SSL.ZeroReturnError:
+                raise  # close_notify: the caller's business, not an error
+            except (SSL.Error, OSError) as exc:
+                raise self._translate(exc) from exc
+            self._check_usable()
+
+    def _check_usable(self) -> None:
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("TLS stream is closed")
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("TLS stream is broken")
+
+    def _translate(self, exc: SSL.Error | OSError) -> trio.BrokenResourceError:
+        """The one place OpenSSL/OS errors become trio errors."""
+        self._state = _State.BROKEN
+        if isinstance(exc, SSL.SysCallError):
+            code = exc.args[0] if exc.args else None
+            if code == errno.ECONNRESET:
+                return ConnectionReset("connection reset by peer")
+            if code == -1 or code == 0:
+                return TruncatedError("peer closed TCP without TLS close_notify")
+            return trio.BrokenResourceError(f"socket error: {exc}")
+        if isinstance(exc, ConnectionResetError):
+            return ConnectionReset("connection reset by peer")
+        if isinstance(exc, OSError):
+            return trio.BrokenResourceError(f"socket error: {exc}")
+        reason = _openssl_reason(exc)
+        if "unexpected eof" in reason:
+            return TruncatedError("peer closed TCP without TLS close_notify")
+        return TLSAlertError(reason)
+
+    # -- handshake -----------------------------------------------------------
+
+    async def do_handshake(self) -> None:
+        """Complete the handshake.  Failures raise ``TLSAlertError`` (or another
+        ``BrokenResourceError``) whose ``__cause__`` is the OpenSSL exception."""
+        if self._handshake_done:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._retry(self.conn.do_handshake)
+        self._handshake_done = True
+
+    # -- receiving -----------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        self._receiving = True
+        try:
+            if not self._handshake_done:
+                await self.do_handshake()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._pending_error is not None:
+                error, self._pending_error = self._pending_error, None
+                self._state = _State.BROKEN
+                raise error
+            self._check_usable()
+            if self._eof_received:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return b""
+            limit = max_bytes or DEFAULT_RECEIVE_SIZE
+            data = await self._retry(self.conn.recv, min(limit, _RECORD))
+            if not data:
+                return b""
+            if len(data) >= limit:
+                return data
+            # Drain records OpenSSL can give without blocking.
+            chunks = [data]
+            total = len(data)
+            while total < limit:
+                more = self._recv_nowait(min(limit - total, _RECORD))
+                if not more:
+                    break
+                chunks.append(more)
+                total += len(more)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return b"".join(chunks)
+        except SSL.ZeroReturnError:
+            self._eof_received = True
+            return b""
+        finally:
+            self._receiving = False
+
+    def _recv_nowait(self, size: int) -> bytes:
+        """One more record if it is there already; ``b""`` if we would block.
+
+        A close_notify or an error is remembered/raised on the next call, so
+        the bytes already drained are delivered first.
+        """
+        try:
+            return self.conn.recv(size)
+        except (SSL.WantReadError, SSL.WantWriteError):
+            return b""
+        except SSL.ZeroReturnError:
+            self._eof_received = True
+            return b""
+        except (SSL.Error, OSError) as exc:
+            error = self._translate(exc)
+            error.__cause__ = exc
+            self._pending_error = error
+            self._state = _State.OK  # deliver the data now, the error next call
+            return b""
+
+    # -- sending -------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._sending = True
+        try:
+            if not self._handshake_done:
+                await self.do_handshake()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("cannot send after send_eof()")
+            with memoryview(data) as view:
+                sent = 0
+                while sent < len(view):
+                    sent += await self._retry(self.conn.send, view[sent : sent + _SEND_CHUNK])
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_usable()
+        await trio.lowlevel.wait_writable(self.socket.fileno())
+
+    async def send_eof(self) -> None:
+        """close_notify, then SHUT_WR.  Reading continues; idempotent."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_usable()
+        if self._eof_sent:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._eof_sent = True
+        self._sending = True
+        try:
+            await self._retry(self.conn.shutdown)
+            try:
+                self.socket.shutdown(_stdsocket.SHUT_WR)
+            except OSError as exc:
+                raise self._translate(exc) from exc
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -- closing -------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close the fd.  If we never said close_notify and the stream is
+        healthy, try to say it once without waiting (best effort)."""
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._state is _State.OK and self._handshake_done and not self._eof_sent:
+            self._eof_sent = True
+            try:
+                self.conn.shutdown()
+            except (SSL.Error, OSError):
+                pass
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    async def abort(self) -> None:
+        """Close with an RST: the peer sees ECONNRESET, not an orderly end."""
+        if self._state is not _State.CLOSED:
+            try:
+                kernel.set_abort_on_close(self.socket)
+            except OSError:
+                pass
+            self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        self._state = _State.CLOSED
+        self.socket.close()
+
+    # -- what the logs show ----------------------------------------------------
+
+    @property
+    def eof_received(self) -> bool:
+        return self._eof_received
+
+
+def _openssl_reason(exc: BaseException) -> str:
+    """The reason strings OpenSSL put in an ``SSL.Error``, joined, lowercase."""
+    parts: list[str] = []
+    for arg in exc.args:
+        if isinstance(arg, list):
+            for item in arg:
+                if isinstance(item, tuple) and item:
+                    parts.append(str(item[-1]))
+        elif arg:
+            parts.append(str(arg))
+    return "; ".join(parts).lower() or type(exc).__name__
