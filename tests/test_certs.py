@@ -244,11 +244,28 @@ def test_cli_ca_then_issue_makes_usable_credentials(
         f"wrote {ca_dir / 'ca.crt'}",
     ]
     assert mode(ca_dir / "ca.key") == 0o600
-    assert run_cli(
-        "issue", "--ca-dir", str(ca_dir), "--out", str(out), "--name", "web",
-        "--spiffe-id", "spiffe://cluster.local/ns/default/sa/web",
-        "--ip", "10.0.0.2", "--ip", "fd00::2", "--dns", "web.default.svc", "--days", "7",
-    ) == 0  # fmt: skip
+    assert (
+        run_cli(
+            "issue",
+            "--ca-dir",
+            str(ca_dir),
+            "--out",
+            str(out),
+            "--name",
+            "web",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/default/sa/web",
+            "--ip",
+            "10.0.0.2",
+            "--ip",
+            "fd00::2",
+            "--dns",
+            "web.default.svc",
+            "--days",
+            "7",
+        )
+        == 0
+    )
     assert capsys.readouterr().out.splitlines() == [
         f"wrote {out / 'web.key'}",
         f"wrote {out / 'web.crt'}",
@@ -272,8 +289,9 @@ def test_cli_ca_refuses_to_replace_a_ca_key(tmp_path: Path) -> None:
 
 def test_cli_issue_without_ca_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        run_cli("issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--name", "x",
-                "--dns", "x")  # fmt: skip
+        run_cli(
+            "issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--name", "x", "--dns", "x"
+        )
     message = str(info.value)
     assert message.startswith(f"CA certificate {tmp_path / 'ca.crt'}: cannot read")
     assert "trio-tproxy certs ca --out DIR" in message
@@ -284,16 +302,26 @@ def test_cli_issue_with_mismatched_ca_key(tmp_path: Path) -> None:
     run_cli("ca", "--out", str(tmp_path / "b"))
     (tmp_path / "a" / "ca.key").write_bytes((tmp_path / "b" / "ca.key").read_bytes())
     with pytest.raises(ConfigError, match="CA key .*/a/ca.key does not match CA certificate"):
-        run_cli("issue", "--ca-dir", str(tmp_path / "a"), "--out", str(tmp_path), "--name", "x",
-                "--dns", "x")  # fmt: skip
+        run_cli(
+            "issue",
+            "--ca-dir",
+            str(tmp_path / "a"),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--dns",
+            "x",
+        )
 
 
 def test_cli_issue_with_garbage_ca_cert(tmp_path: Path) -> None:
     run_cli("ca", "--out", str(tmp_path))
     (tmp_path / "ca.crt").write_text("hello\n")
     with pytest.raises(ConfigError, match=r"ca\.crt: no certificate \(not PEM"):
-        run_cli("issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--name", "x",
-                "--dns", "x")  # fmt: skip
+        run_cli(
+            "issue", "--ca-dir", str(tmp_path), "--out", str(tmp_path), "--name", "x", "--dns", "x"
+        )
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,7 @@ def test_ipv4_only_leaves_cidrs6_empty() -> None:
 
 def test_every_rule_says_what_it_is_for() -> None:
     rules = rule_lines(render(CONFIGS["excludes"]))
-    assert len(rules) == 17
+    assert len(rules) == 18
     for rule in rules:
         match = re.search(r' comment "([^"]+)"$', rule)
         assert match, f"rule without a comment: {rule}"
@@ -317,7 +317,9 @@ def test_list_table_absent_is_none() -> None:
 
 
 def test_list_table_other_failure_raises() -> None:
-    run = FakeRunner(failed(1, "netlink: Error: cache initialization failed: Operation not permitted"))
+    run = FakeRunner(
+        failed(1, "netlink: Error: cache initialization failed: Operation not permitted")
+    )
     with pytest.raises(NftError) as info:
         Nft(run=run).list_table(Interception())
     assert info.value.kind is NftErrorKind.PERMISSION
@@ -329,6 +331,7 @@ def test_runner_exception_is_classified() -> None:
         Nft(run=run).apply(Interception())
     assert info.value.kind is NftErrorKind.NOT_INSTALLED
     assert isinstance(info.value.__cause__, FileNotFoundError)
+    assert isinstance(info.value, OSError)  # the CLI reports every OSError the same way
 
 
 # --------------------------------------------------------------------------- classify
@@ -395,7 +398,7 @@ def test_apply_list_replace_delete(netns: str) -> None:
     assert first.startswith("table inet trio_tproxy {")
     assert "elements = { 22, 15021 }" in first
     assert "tproxy ip to 127.0.0.1:2 accept" in first
-    assert first.count('comment "') == 17 + 2 + 6 + 1  # rules, chains, sets, table
+    assert first.count('comment "') == 18 + 2 + 6 + 1  # rules, chains, sets, table
 
     nft.apply(ic)  # idempotent: the same table, not a second copy of each rule
     assert nft.list_table(ic) == first

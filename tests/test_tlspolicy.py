@@ -23,6 +23,9 @@ from typing import Any, TypeVar
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 from trio_tproxy import certs
@@ -315,9 +318,12 @@ def test_server_certificate_from_another_ca_is_unknown_ca(pki: PKI, other_pki: P
 def test_expired_server_certificate(pki: PKI) -> None:
     past = NOW - dt.timedelta(days=10)
     expired = pki.creds(
-        "db", spiffe_ids=[DB], not_before=past, not_after=NOW - dt.timedelta(days=1),
+        "db",
+        spiffe_ids=[DB],
+        not_before=past,
+        not_after=NOW - dt.timedelta(days=1),
         now=past + dt.timedelta(hours=1),
-    )  # fmt: skip
+    )
     r = handshake(expired, pki.creds("web", spiffe_ids=[WEB]))
     assert r.client.reason == "certificate expired"
     assert r.client.peer is None
@@ -328,9 +334,12 @@ def test_expired_server_certificate(pki: PKI) -> None:
 def test_expired_client_certificate(pki: PKI) -> None:
     past = NOW - dt.timedelta(days=10)
     expired = pki.creds(
-        "web", spiffe_ids=[WEB], not_before=past, not_after=NOW - dt.timedelta(days=1),
+        "web",
+        spiffe_ids=[WEB],
+        not_before=past,
+        not_after=NOW - dt.timedelta(days=1),
         now=past + dt.timedelta(hours=1),
-    )  # fmt: skip
+    )
     r = handshake(pki.creds("db", spiffe_ids=[DB]), expired)
     assert r.server.reason == "certificate expired"
     assert r.server.peer is None
@@ -339,9 +348,12 @@ def test_expired_client_certificate(pki: PKI) -> None:
 def test_not_yet_valid_server_certificate(pki: PKI) -> None:
     start = NOW + dt.timedelta(days=1)
     future = pki.creds(
-        "db", spiffe_ids=[DB], not_before=start, not_after=start + dt.timedelta(days=1),
+        "db",
+        spiffe_ids=[DB],
+        not_before=start,
+        not_after=start + dt.timedelta(days=1),
         now=start + dt.timedelta(hours=1),
-    )  # fmt: skip
+    )
     r = handshake(future, pki.creds("web", spiffe_ids=[WEB]))
     assert r.client.reason == "certificate not yet valid"
     assert r.server.reason.startswith("peer alert: ")
@@ -458,14 +470,19 @@ def test_explain_unwraps_the_stream_error() -> None:
     ("exc", "reason"),
     [
         (SSL.Error([("SSL routines", "", "no shared cipher")]), "no shared cipher"),
-        (SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]),
-         "peer alert: sslv3 alert bad certificate"),
+        (
+            SSL.Error([("SSL routines", "", "sslv3 alert bad certificate")]),
+            "peer alert: sslv3 alert bad certificate",
+        ),
         (SSL.Error([("SSL routines", "", "packet length too long")]), "not TLS"),
         (SSL.ZeroReturnError(), "peer closed during handshake"),
-        (ConnectionResetError(104, "Connection reset by peer"), "connection reset during handshake"),
+        (
+            ConnectionResetError(104, "Connection reset by peer"),
+            "connection reset during handshake",
+        ),
         (IdentityError("no SPIFFE ID"), "no SPIFFE ID"),
     ],
-)  # fmt: skip
+)
 def test_explain_reasons(exc: BaseException, reason: str) -> None:
     assert explain(exc, None) == reason
 
@@ -523,7 +540,9 @@ def test_load_credentials_malformed_certificate(tmp_path: Path, pki: PKI) -> Non
 
 def test_load_credentials_malformed_key(tmp_path: Path, pki: PKI) -> None:
     pki.creds("web", dns=["web"])
-    (tmp_path / "web.key").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    (tmp_path / "web.key").write_text(
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    )
     message = _one_line_error(TLSFiles(tmp_path / "web.crt", tmp_path / "web.key", pki.ca_path))
     assert message.startswith(f"key file {tmp_path / 'web.key'}: malformed private key")
 
@@ -579,3 +598,31 @@ def test_load_credentials_keeps_intermediates(tmp_path: Path, pki: PKI) -> None:
     assert creds.cert == cert
     assert creds.chain == (pki.cert,)
     assert isinstance(creds.chain[0], x509.Certificate)
+
+
+def test_load_credentials_rejects_server_only_certificate(tmp_path: Path, pki: PKI) -> None:
+    # A sidecar is a TLS client on egress: a serverAuth-only leaf would fail there.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "server-only")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(pki.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - dt.timedelta(hours=1))
+        .not_valid_after(NOW + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(pki.key, hashes.SHA256())
+    )
+    certs.write_cert(tmp_path / "srv.crt", cert)
+    certs.write_key(tmp_path / "srv.key", key)
+    files = TLSFiles(tmp_path / "srv.crt", tmp_path / "srv.key", pki.ca_path)
+    assert _one_line_error(files).startswith(
+        f"certificate file {tmp_path / 'srv.crt'}: extended key usage lacks clientAuth"
+    )
+
+
+def test_load_credentials_accepts_naive_now(pki: PKI) -> None:
+    naive = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    assert pki.creds("web", dns=["web"], now=naive).spiffe_id is None

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from trio_tproxy import topology as topology_module
 from trio_tproxy.config import DEFAULT_INTERCEPT_CIDRS
 from trio_tproxy.topology import NODE, Host, Topology, TopologyError, _listens, leftovers
 
@@ -419,3 +420,32 @@ def test_ctrl_c_during_destroy_is_held_until_cleanup_is_done(
     assert proc.returncode == -signal.SIGTERM
     assert leftovers(netns_prefix) == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.netns
+def test_ctrl_c_in_a_program_using_the_topology_leaves_nothing(netns_prefix: str) -> None:
+    script = f"""
+import subprocess, sys, time
+from trio_tproxy.topology import Topology
+with Topology(prefix={netns_prefix!r}) as topo:
+    topo.popen("a", ["sleep", "600"])
+    print("up", flush=True)
+    time.sleep(600)
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(topology_module.__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"up\n"
+        assert len(leftovers(netns_prefix)) == 4
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"KeyboardInterrupt" in err
+    assert proc.returncode == -signal.SIGINT  # how Python ends on an uncaught Ctrl-C
+    assert leftovers(netns_prefix) == []

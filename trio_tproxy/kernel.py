@@ -193,6 +193,8 @@ class PolicyRoutes:
         ipr = IPRoute(**kwargs)
         try:
             yield ipr
+        except NetlinkError as exc:  # a dump or lookup; adds and deletes say more
+            raise _error(exc, f"netlink request in {self.netns or 'this namespace'}") from exc
         finally:
             ipr.close()
 

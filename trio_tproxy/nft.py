@@ -20,7 +20,9 @@ How a connection is intercepted (see KERNEL-NOTES.md):
   chain ``prerouting`` TPROXYs it to the plaintext listener on ``tcp_port``.
 * ingress: TCP arriving on any other interface for an intercepted address is
   TPROXYed to the mutual-TLS listener on ``tls_port``.
-* the proxy's own sockets carry the bypass mark and are never touched.
+* the proxy's own sockets carry the bypass mark and are never touched, and
+  neither are replies (conntrack's reply direction): a connection the pod
+  accepted, proxied or excluded, is never egress.
 
 Every set is always declared, empty or not, so the table has one shape whatever
 the configuration. An empty ``cidrs4`` or ``cidrs6`` is correct: ``ip daddr !=
@@ -150,6 +152,9 @@ def render(ic: Interception) -> str:
         '\t\tcomment "mark egress TCP so that policy routing loops it back through lo"',
         "\t\ttype route hook output priority 95; policy accept;",
         _rule(f"meta mark {bypass} return", "the proxy's own sockets (bypass SO_MARK)"),
+        # Without this, the app's replies on an excluded inbound port (or to a
+        # client it was reached from unproxied) would be marked and looped back.
+        _rule("ct direction reply return", "replies of inbound connections are not egress"),
         _rule("ip daddr != @cidrs4 return", "IPv4 destination not intercepted"),
         _rule("ip6 daddr != @cidrs6 return", "IPv6 destination not intercepted"),
         _rule("ip daddr @exclude4 return", "excluded IPv4 destination"),
@@ -184,8 +189,12 @@ class NftErrorKind(enum.Enum):
     FAILED = "failed"
 
 
-class NftError(RuntimeError):
-    """An nft run failed. ``str(exc)`` is one line; ``kind`` says why."""
+class NftError(OSError):
+    """An nft run failed. ``str(exc)`` is one line; ``kind`` says why.
+
+    An OSError, like every other failure to change the kernel's state, so a
+    caller can handle "could not set up interception" with one ``except``.
+    """
 
     def __init__(
         self,

@@ -66,6 +66,11 @@ class Stats:
 class Refused(Exception):
     """A connection we will not carry; ``str()`` is the reason for the log."""
 
+    def __init__(self, reason: str, *, alert_sent: bool = False) -> None:
+        super().__init__(reason)
+        #: The TLS handshake failed and OpenSSL queued an alert for the peer.
+        self.alert_sent = alert_sent
+
 
 async def open_listener(
     host: str, port: int, *, transparent: bool, mark: int | None, backlog: int = 4096
@@ -211,6 +216,9 @@ class Sidecar:
             )
         except Refused as exc:
             self._refuse("egress", src, dst, str(exc))
+            if exc.alert_sent:
+                await abort(app)  # the app learns at once; the peer gets our alert
+                await tls.close_after_alert()
         finally:
             await _abort_all(legs)  # no-op for legs the relay already closed
 
@@ -234,6 +242,8 @@ class Sidecar:
             )
         except Refused as exc:
             self._refuse("ingress", src, dst, str(exc))
+            if exc.alert_sent:
+                await tls.close_after_alert()
         finally:
             await _abort_all(legs)
 
@@ -255,7 +265,8 @@ class Sidecar:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             raise Refused(
                 f"TLS handshake failed: {tlspolicy.explain(cause, tls.conn)}"
-                f" (presented {_presented(tls)})"
+                f" (presented {_presented(tls)})",
+                alert_sent=True,
             ) from None
 
     # -- outcomes --------------------------------------------------------------

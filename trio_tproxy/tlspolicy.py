@@ -76,6 +76,8 @@ class Credentials:
 def load_credentials(files: TLSFiles, *, now: dt.datetime | None = None) -> Credentials:
     """Read and check our certificate, key and CA bundle; ConfigError names the bad file."""
     now = now or dt.datetime.now(dt.UTC)
+    if now.tzinfo is None:  # naive means UTC, as in cryptography
+        now = now.replace(tzinfo=dt.UTC)
     certs = read_certs(files.cert, what="certificate file", hint=_CREATE_HINT)
     key = signing_key(read_key(files.key, what="key file", hint=_CREATE_HINT), files.key)
     cas = read_certs(files.ca_cert, what="CA file", hint=_CREATE_CA_HINT)

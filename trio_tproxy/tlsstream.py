@@ -290,6 +290,25 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._close()
         await trio.lowlevel.checkpoint()
 
+    async def close_after_alert(self, grace: float = 1.0) -> None:
+        """Close after a failed handshake so the peer reads our alert.
+
+        OpenSSL has already written the alert; an RST (or closing with unread
+        data, which also sends one) could overtake it and the peer would log
+        "reset" instead of the reason.  So: FIN, drain briefly, close.
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            self.socket.shutdown(_stdsocket.SHUT_WR)
+            with trio.move_on_after(grace):
+                while await self.socket.recv(65536):
+                    pass
+        except OSError:
+            pass
+        self._close()
+
     def _close(self) -> None:
         self._state = _State.CLOSED
         self.socket.close()

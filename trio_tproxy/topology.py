@@ -483,8 +483,8 @@ class Topology:
                 raise TimeoutError(f"nothing listens on {ip} port {port} in {host_name}")
             time.sleep(0.02)
 
-    def _pids_inside(self) -> list[int]:
-        """PIDs of live processes whose network namespace is one of ours."""
+    def _inodes(self) -> set[tuple[int, int]]:
+        """(device, inode) of each of our namespaces, as ``stat`` shows them."""
         inodes = set()
         for name in self._owned:
             try:
@@ -492,16 +492,12 @@ class Topology:
             except FileNotFoundError:
                 continue
             inodes.add((st.st_dev, st.st_ino))
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                st = os.stat(f"/proc/{entry.name}/ns/net")
-            except OSError:  # gone, a zombie, or a kernel thread we may not read
-                continue
-            if (st.st_dev, st.st_ino) in inodes:
-                pids.append(int(entry.name))
+        return inodes
+
+    def _pids_inside(self) -> list[int]:
+        """PIDs of live processes whose network namespace is one of ours."""
+        inodes = self._inodes()
+        pids = [pid for pid in _all_pids() if _netns_inode(pid) in inodes]
         if os.getpid() in pids:
             raise TopologyError("this very process is inside one of the namespaces to remove")
         return pids
@@ -520,9 +516,13 @@ class Topology:
                         continue
                     if pid not in pidfds:
                         try:
-                            pidfds[pid] = os.pidfd_open(pid)
+                            pidfd = os.pidfd_open(pid)
                         except ProcessLookupError:
                             continue
+                        if _netns_inode(pid) not in self._inodes():
+                            os.close(pidfd)  # it ended and its PID was reused meanwhile
+                            continue
+                        pidfds[pid] = pidfd
                     try:
                         signal.pidfd_send_signal(pidfds[pid], sig)
                     except ProcessLookupError:
@@ -589,3 +589,16 @@ def _exited(pidfd: int | None) -> bool:
     if pidfd is None:
         return False
     return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()]
+
+
+def _netns_inode(pid: int) -> tuple[int, int] | None:
+    """(device, inode) of the network namespace of ``pid``; None if gone or a zombie."""
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
