@@ -102,10 +102,6 @@ def lo_is_up(ns: str) -> bool:
     return "UP" in flags.split(",")
 
 
-def getsockopt_int(sock: socket.socket, level: int, option: int) -> int:
-    return sock.getsockopt(level, option)
-
-
 # --------------------------------------------------------------------------- constants
 
 
@@ -128,9 +124,9 @@ def test_constants() -> None:
 def test_set_transparent(family: int, level: int, option: int) -> None:
     require_root()
     with socket.socket(family, socket.SOCK_STREAM) as sock:
-        assert getsockopt_int(sock, level, option) == 0
+        assert sock.getsockopt(level, option) == 0
         set_transparent(sock)
-        assert getsockopt_int(sock, level, option) == 1
+        assert sock.getsockopt(level, option) == 1
 
 
 def test_set_transparent_rejects_other_families() -> None:
@@ -143,7 +139,7 @@ def test_set_mark() -> None:
     require_root()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         set_mark(sock, 0x539)
-        assert getsockopt_int(sock, socket.SOL_SOCKET, socket.SO_MARK) == 0x539
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
 
 
 def test_set_abort_on_close_sets_linger_zero() -> None:

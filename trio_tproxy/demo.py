@@ -60,6 +60,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-demo-"))
     # SIGTERM ends the demo like Ctrl-C, so the teardown always runs.
+    main_pid = os.getpid()
+
+    def _interrupt(signum: int, frame: object) -> None:
+        # pyroute2 forks helpers that inherit this handler and get SIGTERM when
+        # done: only the demo process itself may unwind into the teardown.
+        if os.getpid() != main_pid:
+            os._exit(0)
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
     try:
@@ -73,10 +82,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"work directory kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _step(text: str) -> None:

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -106,11 +106,14 @@ class RouteError(OSError):
 
 @dataclass(frozen=True)
 class _Wanted:
-    kind: str  # "rule" or "route"
+    kind: Literal["rule", "route"]
     family: int
 
 
-_WANTED: Final = tuple(_Wanted(kind, family) for kind in ("rule", "route") for family in _FAMILIES)
+_WANTED: Final = (
+    *(_Wanted("rule", family) for family in _FAMILIES),
+    *(_Wanted("route", family) for family in _FAMILIES),
+)
 #: How :meth:`PolicyRoutes.missing` and :meth:`PolicyRoutes.repair` name a down ``lo``.
 LO_UP: Final = "link lo up"
 
