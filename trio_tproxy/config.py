@@ -8,6 +8,7 @@ Parsing errors are :class:`ConfigError` and carry one human-readable line.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -152,8 +153,10 @@ class Interception:
     rule_priority: int = 0
 
     def __post_init__(self) -> None:
-        if not self.table or not self.table.replace("_", "").isalnum():
-            raise ConfigError(f"invalid nft table name {self.table!r}: letters, digits, '_'")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", self.table):
+            raise ConfigError(
+                f"invalid nft table name {self.table!r}: an ASCII letter, then letters, digits, '_'"
+            )
         if self.tcp_port == self.tls_port:
             raise ConfigError(f"--tcp-port and --tls-port are both {self.tcp_port}")
         if self.recirculate_mark == self.bypass_mark:

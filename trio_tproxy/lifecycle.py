@@ -72,7 +72,8 @@ async def watch_routes(routes: kernel.PolicyRoutes, interval: float) -> None:
     while True:
         await trio.sleep(interval)
         try:
-            for restored in routes.repair():
+            # netlink calls block: keep them off the event loop
+            for restored in await trio.to_thread.run_sync(routes.repair):
                 log.warning("restored %s (it had disappeared)", restored)
         except OSError as exc:
             log.error("route check failed: %s", exc)
