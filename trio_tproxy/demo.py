@@ -95,7 +95,7 @@ def _demo(lab: PodLab, started: float) -> int:
     _step(f"certificates: A is {spiffe_id('a')}, B is {spiffe_id('b')} (one throwaway CA)")
     capture = lab.workdir / "bridge.pcap"
     tcpdump = lab.topology.popen(
-        "node", ["tcpdump", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
+        "node", ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
         stdout=open(os.devnull, "wb"), stderr=open(lab.workdir / "tcpdump.log", "wb"),
     )
     lab.start_sidecar("a")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import trio
 
 from . import kernel
-from .tlsstream import ConnectionReset, TLSAlertError, TLSStream, TruncatedError
+from .tlsstream import RESET_ERRNOS, ConnectionReset, TLSAlertError, TLSStream, TruncatedError
 
 #: Bytes asked of one leg per read.
 CHUNK = 256 * 1024
@@ -56,10 +56,9 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, TLSAlertError):
         return "tls-error"
     cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, ConnectionResetError) or isinstance(cause, ConnectionResetError):
-        return "reset"
-    if isinstance(exc, BrokenPipeError) or isinstance(cause, BrokenPipeError):
-        return "reset"
+    for candidate in (exc, cause):
+        if isinstance(candidate, OSError) and candidate.errno in RESET_ERRNOS:
+            return "reset"
     return "error"
 
 

@@ -60,6 +60,11 @@ _RECORD = 16 * 1024
 _SEND_CHUNK = 256 * 1024
 
 
+#: The peer's TCP is gone: reset, or fully closed so that our write met an RST
+#: (EPIPE) or a shutdown met a dead connection (ENOTCONN).
+RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
+
+
 class TruncatedError(trio.BrokenResourceError):
     """The peer's TCP stream ended without a TLS close_notify."""
 
@@ -131,14 +136,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._state = _State.BROKEN
         if isinstance(exc, SSL.SysCallError):
             code = exc.args[0] if exc.args else None
-            if code == errno.ECONNRESET:
-                return ConnectionReset("connection reset by peer")
+            if code in RESET_ERRNOS:
+                return ConnectionReset(f"connection reset by peer ({errno.errorcode[code]})")
             if code == -1 or code == 0:
                 return TruncatedError("peer closed TCP without TLS close_notify")
             return trio.BrokenResourceError(f"socket error: {exc}")
-        if isinstance(exc, ConnectionResetError):
-            return ConnectionReset("connection reset by peer")
         if isinstance(exc, OSError):
+            if exc.errno in RESET_ERRNOS:
+                return ConnectionReset(
+                    f"connection reset by peer ({errno.errorcode[exc.errno or 0]})"
+                )
             return trio.BrokenResourceError(f"socket error: {exc}")
         reason = _openssl_reason(exc)
         if "unexpected eof" in reason:

@@ -1,0 +1,379 @@
+"""Load generators and the app server, run inside the pods' network namespaces.
+
+Why a standalone stdlib script: it stands for the application in a pod, so it
+must share no code path with the proxies under test (it imports nothing from
+trio_tproxy, and not even from this package: the harness runs it by file
+path). Blocking sockets and threads keep it simple; big buffers for bulk and
+TCP_NODELAY for the small exchanges keep it cheap, and every client reports its
+own CPU time so a reader can check that it was not the bottleneck.
+
+    serve PORT                 the app in pod B; four listeners on [::] (dual-stack):
+                               PORT   bulk: read an 8-byte size N, then send N bytes
+                                      while reading to EOF; half-close
+                               PORT+1 echo (request/response)
+                               PORT+2 connection rate: read 100 B, send 100 B, wait EOF
+                               PORT+3 idle: read 1 B, send 1 B, hold until EOF
+    bulk HOST PORT MIB         one connection, MIB MiB each way
+    rr HOST PORT COUNT SIZE    COUNT ping-pongs of SIZE bytes on one connection
+    connrate HOST PORT SECONDS CONCURRENCY
+                               short connections (100 B each way) for SECONDS
+                               from CONCURRENCY threads
+    idle HOST PORT COUNT       open COUNT connections, print a line, hold them
+                               until stdin closes
+    probe HOST PORT CA [CERT KEY]
+                               one TLS echo exchange straight to a TLS port
+                               (the harness's mTLS check)
+
+Every client prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import selectors
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+BULK_CHUNK = 1 << 20  # bytes per sendall / recv_into in the bulk test
+HEADER = struct.Struct("!Q")
+CONN_SIZE = 100  # bytes each way per short connection
+ACCEPT_WORKERS = 32  # connection-rate server threads blocked in accept()
+TIMEOUT = 60.0  # seconds: a stuck proxy fails the run instead of hanging it
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """User + system CPU of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` completely; EOF before that is an error."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError(f"EOF after {got} of {len(view)} bytes")
+        got += n
+
+
+def drain(sock: socket.socket, buf: bytearray) -> int:
+    """Read to EOF; return the byte count."""
+    total = 0
+    while n := sock.recv_into(buf):
+        total += n
+    return total
+
+
+def send_zeros(sock: socket.socket, total: int) -> None:
+    """Send ``total`` bytes in BULK_CHUNK pieces, then half-close."""
+    chunk = memoryview(bytes(BULK_CHUNK))
+    left = total
+    while left:
+        n = min(left, BULK_CHUNK)
+        sock.sendall(chunk[:n])
+        left -= n
+    sock.shutdown(socket.SHUT_WR)
+
+
+def connect(host: str, port: int) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(0, min(len(sorted_values) - 1, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+# -- the app server ------------------------------------------------------------
+
+
+def listen(port: int) -> socket.socket:
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", port))
+    srv.listen(4096)
+    return srv
+
+
+def spawn(target: Callable[..., None], *args: object) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def serve_thread_per_conn(srv: socket.socket, handler: Callable[[socket.socket], None]) -> None:
+    while True:
+        conn, _ = srv.accept()
+        spawn(guarded, handler, conn)
+
+
+def guarded(handler: Callable[[socket.socket], None], conn: socket.socket) -> None:
+    """Run one connection's handler; a peer's reset must not end the server."""
+    try:
+        with conn:
+            conn.settimeout(TIMEOUT)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            handler(conn)
+    except OSError as exc:
+        print(f"loadgen serve: {handler.__name__}: {exc!r}", file=sys.stderr, flush=True)
+
+
+def handle_bulk(conn: socket.socket) -> None:
+    header = bytearray(HEADER.size)
+    recv_exactly(conn, memoryview(header))
+    (total,) = HEADER.unpack(header)
+    sender = spawn(send_zeros, conn, total)
+    received = drain(conn, bytearray(BULK_CHUNK))
+    sender.join()
+    if received != total:
+        print(f"loadgen serve: bulk got {received} of {total} bytes", file=sys.stderr, flush=True)
+
+
+def handle_echo(conn: socket.socket) -> None:
+    buf = bytearray(1 << 16)
+    view = memoryview(buf)
+    while n := conn.recv_into(buf):
+        conn.sendall(view[:n])
+    conn.shutdown(socket.SHUT_WR)
+
+
+def handle_short(conn: socket.socket) -> None:
+    buf = bytearray(CONN_SIZE)
+    recv_exactly(conn, memoryview(buf))
+    conn.sendall(buf)
+    drain(conn, buf)
+
+
+def accept_worker(srv: socket.socket) -> None:
+    """Handle short connections inline: no thread start per connection."""
+    while True:
+        conn, _ = srv.accept()
+        guarded(handle_short, conn)
+
+
+def serve_idle(srv: socket.socket) -> None:
+    """Hold any number of connections in one thread (a thread each would cost more)."""
+    sel = selectors.DefaultSelector()
+    srv.setblocking(False)
+    sel.register(srv, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock: socket.socket = key.fileobj  # type: ignore[assignment]
+            if sock is srv:
+                try:
+                    conn, _ = srv.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(64)
+                if data:
+                    sock.send(data)  # 1 byte into an empty buffer: never blocks
+                    continue
+            except OSError:
+                pass
+            sel.unregister(sock)
+            sock.close()
+
+
+def serve(port: int) -> None:
+    listeners = [listen(port + i) for i in range(4)]
+    spawn(serve_thread_per_conn, listeners[0], handle_bulk)
+    spawn(serve_thread_per_conn, listeners[1], handle_echo)
+    for _ in range(ACCEPT_WORKERS):
+        spawn(accept_worker, listeners[2])
+    spawn(serve_idle, listeners[3])
+    print(f"serving on [::]:{port}-{port + 3}", flush=True)
+    threading.Event().wait()
+
+
+# -- clients -------------------------------------------------------------------
+
+
+def bulk(host: str, port: int, mib: int) -> None:
+    total = mib << 20
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    with connect(host, port) as sock:
+        sock.sendall(HEADER.pack(total))
+        sender = spawn(send_zeros, sock, total)
+        received = drain(sock, bytearray(BULK_CHUNK))
+        sender.join()
+    seconds = time.perf_counter() - t0
+    if received != total:
+        raise SystemExit(f"bulk: received {received} of {total} bytes")
+    emit(
+        {
+            "bytes_each_way": total,
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds() - cpu0,
+        }
+    )
+
+
+def rr(host: str, port: int, count: int, size: int) -> None:
+    message = os.urandom(size)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    samples: list[float] = []
+    with connect(host, port) as sock:
+        for _ in range(min(100, count)):  # warm-up: handshake, caches, TCP windows
+            sock.sendall(message)
+            recv_exactly(sock, view)
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        clock = time.perf_counter_ns
+        for _ in range(count):
+            start = clock()
+            sock.sendall(message)
+            recv_exactly(sock, view)
+            samples.append((clock() - start) / 1000)
+        seconds = time.perf_counter() - t0
+        cpu = cpu_seconds() - cpu0
+    if bytes(buf) != message:
+        raise SystemExit("rr: echo does not match")
+    samples.sort()
+    emit(
+        {
+            "count": count,
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "p50_us": percentile(samples, 0.50),
+            "p99_us": percentile(samples, 0.99),
+            "p999_us": percentile(samples, 0.999),
+        }
+    )
+
+
+def connrate(host: str, port: int, duration: float, concurrency: int) -> None:
+    size = CONN_SIZE
+    message = os.urandom(size)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[str] = []
+    deadline = time.perf_counter() + duration
+
+    def worker(mine: list[float]) -> None:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        clock = time.perf_counter
+        while (start := clock()) < deadline:
+            try:
+                with connect(host, port) as sock:
+                    sock.sendall(message)
+                    recv_exactly(sock, view)
+            except OSError as exc:
+                errors.append(repr(exc))
+                continue
+            mine.append(clock() - start)
+
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    threads = [spawn(worker, mine) for mine in latencies]
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - t0
+    samples = sorted(x * 1000 for mine in latencies for x in mine)
+    emit(
+        {
+            "connections": len(samples),
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds() - cpu0,
+            "p50_ms": percentile(samples, 0.50),
+            "p99_ms": percentile(samples, 0.99),
+        }
+    )
+
+
+def idle(host: str, port: int, count: int) -> None:
+    """Open ``count`` connections, each proven end to end by a 1-byte echo, and hold them."""
+    socks = []
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    one = memoryview(bytearray(1))
+    for _ in range(count):
+        sock = connect(host, port)
+        sock.sendall(b"i")
+        recv_exactly(sock, one)
+        socks.append(sock)
+    emit({"opened": len(socks), "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - cpu0})
+    sys.stdin.read()  # the harness measures memory now, then closes our stdin
+    for sock in socks:
+        sock.close()
+    emit({"closed": len(socks)})
+
+
+def probe(host: str, port: int, ca: str, cert: str | None, key: str | None) -> None:
+    """One TLS echo exchange; report the version and cipher, or the error that ended it.
+
+    Under TLS 1.3 a server that refuses the client certificate does so after
+    the client's handshake has finished, so the verdict is the echo, not the
+    handshake.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(ca)
+    if cert and key:
+        ctx.load_cert_chain(cert, key)
+    result: dict[str, Any] = {"echoed": False}
+    try:
+        with (
+            socket.create_connection((host, port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            result["version"] = tls.version()
+            result["cipher"] = (tls.cipher() or ("?",))[0]
+            tls.sendall(b"mtls-probe")
+            data = b""
+            while len(data) < 10 and (more := tls.recv(64)):
+                data += more
+            result["echoed"] = data == b"mtls-probe"
+            if not result["echoed"]:
+                result["error"] = f"no echo (got {data!r})"
+    except (OSError, ssl.SSLError) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    emit(result)
+
+
+def main(argv: list[str]) -> int:
+    cmd, args = (argv[0], argv[1:]) if argv else ("", [])
+    if cmd == "serve" and len(args) == 1:
+        serve(int(args[0]))
+    elif cmd == "bulk" and len(args) == 3:
+        bulk(args[0], int(args[1]), int(args[2]))
+    elif cmd == "rr" and len(args) == 4:
+        rr(args[0], int(args[1]), int(args[2]), int(args[3]))
+    elif cmd == "connrate" and len(args) == 4:
+        connrate(args[0], int(args[1]), float(args[2]), int(args[3]))
+    elif cmd == "idle" and len(args) == 3:
+        idle(args[0], int(args[1]), int(args[2]))
+    elif cmd == "probe" and len(args) in (3, 5):
+        probe(args[0], int(args[1]), args[2], *(args[3:5] if len(args) == 5 else (None, None)))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""CPU time and resident memory of a process tree, read from /proc.
+
+Why a tree: a proxy may be one process (trio-tproxy, haproxy with -db), one
+process with many threads (stunnel's thread per connection), or a parent with
+workers. /proc/<pid>/stat of a process already sums all its threads; we add
+every live descendant, and the parent's cutime/cstime for children it has
+already reaped, so that nothing it spent escapes the count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields after the ``(comm)`` of /proc/<pid>/stat, which may itself hold spaces."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def tree(roots: Iterable[int]) -> list[int]:
+    """The given PIDs and all their live descendants."""
+    children = _children_map()
+    seen: list[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo.extend(children.get(pid, []))
+    return seen
+
+
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """utime + stime of every process in the trees (all threads), plus reaped children."""
+    ticks = 0
+    for pid in tree(roots):
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        # After "(comm)": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return ticks / _TICK
+
+
+def rss_kib(roots: Iterable[int]) -> int:
+    """Sum of VmRSS over every process in the trees (threads share their process's)."""
+    total = 0
+    for pid in tree(roots):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
