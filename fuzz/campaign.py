@@ -47,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz.campaign")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--kernel", action="store_true",
-                        help="through the real kernel path in network namespaces (root)")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="through the real kernel path in network namespaces (root)",
+    )
     parser.add_argument("--replay", type=Path, help="run one saved failing script")
     args = parser.parse_args(argv)
     the_seed = args.seed if args.seed is not None else random.randrange(2**32)
-    print(f"fuzz campaign: seed {the_seed}, {args.minutes:g} min, "
-          f"{'kernel path' if args.kernel else 'loopback chain'}", flush=True)
+    print(
+        f"fuzz campaign: seed {the_seed}, {args.minutes:g} min, "
+        f"{'kernel path' if args.kernel else 'loopback chain'}",
+        flush=True,
+    )
     transport, owner = _kernel_transport() if args.kernel else _loopback_transport()
     try:
         if args.replay:
@@ -70,10 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             rounds += 1
 
             @seed(round_seed)
-            @settings(max_examples=50, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=50,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             @given(script=scripts)
-            def prop(script):  # type: ignore[no-untyped-def]
+            def prop(script, round_seed=round_seed):  # type: ignore[no-untyped-def]
                 nonlocal count
                 count += 1
                 try:

@@ -29,8 +29,11 @@ END = ("client", "server")
 Action = tuple[str, str, int]
 
 actions = st.one_of(
-    st.tuples(st.just("send"), st.sampled_from(END),
-              st.one_of(st.integers(0, 64), st.integers(0, 300_000))),
+    st.tuples(
+        st.just("send"),
+        st.sampled_from(END),
+        st.one_of(st.integers(0, 64), st.integers(0, 300_000)),
+    ),
     st.tuples(st.just("eof"), st.sampled_from(END), st.just(0)),
     st.tuples(st.just("abort"), st.sampled_from(END), st.just(0)),
     st.tuples(st.just("pause"), st.just("-"), st.integers(0, 30)),
@@ -118,11 +121,12 @@ async def _finish_cleanly(ends: dict[str, End], other: dict[str, End]) -> None:
     # Everything sent must arrive; EOF only where the other end half-closed.
     for name, end in ends.items():
         sender = other[name]
-        while len(end.received) < len(sender.sent) and not end.done.is_set():
+        while len(end.received) < len(sender.sent) and not end.done.is_set():  # noqa: ASYNC110 - polls a byte count
             await trio.sleep(0.005)
         assert bytes(end.received) == bytes(sender.sent), (
             f"{name} received {len(end.received)} bytes, "
-            f"{sender.name} sent {len(sender.sent)} (or the bytes differ)")
+            f"{sender.name} sent {len(sender.sent)} (or the bytes differ)"
+        )
         if sender.eof_sent:
             await end.done.wait()
             assert end.read_end == "eof", f"{name} saw {end.read_end}, expected eof"
@@ -146,7 +150,8 @@ async def _finish_after_abort(ends: dict[str, End], other: dict[str, End], abort
     await victim.done.wait()
     sender = ends[aborter]
     assert bytes(victim.received) == bytes(sender.sent[: len(victim.received)]), (
-        f"{victim.name} received bytes that {aborter} never sent")
+        f"{victim.name} received bytes that {aborter} never sent"
+    )
     if victim.aborted:
         return  # it aborted too, maybe before the reset reached it: nothing more to see
     if sender.eof_sent and len(victim.received) == len(sender.sent):
@@ -154,7 +159,8 @@ async def _finish_after_abort(ends: dict[str, End], other: dict[str, End], abort
         assert victim.read_end in ("eof", "reset"), victim.read_end
     else:
         assert victim.read_end == "reset", (
-            f"{victim.name} saw {victim.read_end} after {aborter} aborted; expected reset")
+            f"{victim.name} saw {victim.read_end} after {aborter} aborted; expected reset"
+        )
     if victim.read_end == "eof" and not victim.eof_sent:
         # Its connection must still be dead for writing: a send fails soon.
         with trio.fail_after(5):

@@ -115,7 +115,7 @@ async def chain(
         finally:
             with trio.move_on_after(5):
                 # The relays end on their own once both app ends are done.
-                while len(results) < 2:
+                while len(results) < 2:  # noqa: ASYNC110 - polls a list
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
             await app_c.aclose()
@@ -129,9 +129,9 @@ async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
     return b"".join(parts)
 
 
-async def expect_reset(stream: trio.abc.ReceiveStream, timeout: float = 5.0) -> None:
+async def expect_reset(stream: trio.abc.ReceiveStream, within: float = 5.0) -> None:
     """The stream must end with ECONNRESET, not EOF (data before it is ignored)."""
-    with trio.fail_after(timeout):
+    with trio.fail_after(within):
         while True:
             try:
                 data = await stream.receive_some(1 << 20)

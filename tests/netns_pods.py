@@ -121,8 +121,15 @@ class Pods:
             await trio.sleep(0.02)
 
 
-def probe(netns: str, host: str, port: int, message: bytes, *, timeout: float = 5.0,
-          half_close: bool = True) -> tuple[bytes, str]:
+def probe(
+    netns: str,
+    host: str,
+    port: int,
+    message: bytes,
+    *,
+    timeout: float = 5.0,
+    half_close: bool = True,
+) -> tuple[bytes, str]:
     """A plaintext client in ``netns``: connect, send, (half-close), read to the end.
 
     Returns (bytes received, how it ended: "eof", "reset", "timeout", "refused",

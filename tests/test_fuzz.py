@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from helpers import chain, contexts, is_closed, make_pki, open_fds
 from hypothesis import HealthCheck, given, settings
 
 from fuzz.relay_property import run_script, scripts
-from helpers import chain, contexts, is_closed, make_pki, open_fds
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from conftest import next_prefix
-from fuzz.relay_property import run_script, scripts
 from netns_pods import Pods, probe
+
+from fuzz.relay_property import run_script, scripts
 from trio_tproxy.podlab import PodLab, spiffe_id
 
 pytestmark = pytest.mark.netns
@@ -58,11 +58,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
         lab.start_sidecar("b")
         py = sys.executable
         lab.start_app("b", py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO)
-        lab.start_app("b", py, "-m", "trio_tproxy.apps", "halfclose-server", str(HALFCLOSE),
-                      port=HALFCLOSE)
+        lab.start_app(
+            "b", py, "-m", "trio_tproxy.apps", "halfclose-server", str(HALFCLOSE), port=HALFCLOSE
+        )
         lab.start_app("b", py, "-m", "http.server", str(HTTP), "--bind", "::", port=HTTP)
-        lab.start_app("outside", py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO),
-                      port=ECHO)
+        lab.start_app("outside", py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO)
         yield lab
 
 
@@ -95,8 +95,10 @@ def restart(lab: PodLab, pod: str, *flags: str, identity: str | None = None) -> 
 def test_a_http_with_curl_is_intercepted_by_both_sidecars(lab, family):
     b = addr(lab.host("b"), family)
     since = offsets(lab)
-    out = lab.topology.run("a", ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                                 f"http://{url_host(b)}:{HTTP}/"])
+    out = lab.topology.run(
+        "a",
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", f"http://{url_host(b)}:{HTTP}/"],
+    )
     assert out.stdout == "200", out.stderr
     egress = wait_for_log(lab, "a", rf"egress \S+ -> {re.escape(fmt(b, HTTP))} ", since["a"])
     ingress = wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(fmt(b, HTTP))} ", since["b"])
@@ -115,8 +117,7 @@ def test_a_raw_tcp_half_close_is_intercepted(lab, family):
     assert received.startswith(f"got {len(message)} bytes".encode())
     egress = wait_for_log(lab, "a", rf"egress \S+ -> {re.escape(fmt(b, HALFCLOSE))} ", since["a"])
     assert f"peer={spiffe_id('b')}" in egress and f"sent={len(message)}" in egress
-    ingress = wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(fmt(b, HALFCLOSE))} ",
-                           since["b"])
+    ingress = wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(fmt(b, HALFCLOSE))} ", since["b"])
     assert f"peer={spiffe_id('a')}" in ingress and f"received={len(message)}" in ingress
 
 
@@ -128,9 +129,25 @@ def test_b_the_wire_carries_only_tls(lab, family):
     b = addr(lab.host("b"), family)
     capture = lab.workdir / f"wire-{family}.pcap"
     errors = open(lab.workdir / f"tcpdump-{family}.log", "wb")  # noqa: SIM115
-    tcpdump = lab.topology.popen("node", ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w",
-                                          str(capture), "tcp", "port", str(ECHO)],
-                                 stdout=subprocess.DEVNULL, stderr=errors)
+    tcpdump = lab.topology.popen(
+        "node",
+        [
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "br0",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            str(capture),
+            "tcp",
+            "port",
+            str(ECHO),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=errors,
+    )
     deadline = time.monotonic() + 5
     while b"listening on" not in (lab.workdir / f"tcpdump-{family}.log").read_bytes():
         assert time.monotonic() < deadline, "tcpdump did not start"
@@ -167,9 +184,23 @@ def test_c_plaintext_from_outside_never_reaches_the_app(lab, family):
 
 
 def curl_https(lab: PodLab, ip: str, *cert_args: str) -> subprocess.CompletedProcess[str]:
-    return lab.topology.run("outside", [
-        "curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
-        "--cacert", str(lab.workdir / "ca.crt"), *cert_args, f"https://{url_host(ip)}:{HTTP}/"])
+    return lab.topology.run(
+        "outside",
+        [
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            str(lab.workdir / "ca.crt"),
+            *cert_args,
+            f"https://{url_host(ip)}:{HTTP}/",
+        ],
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,10 +216,19 @@ def test_d_outside_with_valid_client_certificate_reaches_the_app(lab, family):
     # openssl s_client, raw bytes through to the echo app
     marker = f"s_client-{secrets.token_hex(4)}"
     # s_client ends the connection at stdin EOF: keep stdin open until the echo is back.
-    s_client = lab.topology.run("outside", ["sh", "-c", (
-        f"(echo {marker}; sleep 1) | openssl s_client -connect {fmt(b, ECHO)} "
-        f"-CAfile {lab.workdir / 'ca.crt'} -cert {files.cert} -key {files.key} "
-        "-quiet -no_ign_eof -verify_return_error")], timeout=15)
+    s_client = lab.topology.run(
+        "outside",
+        [
+            "sh",
+            "-c",
+            (
+                f"(echo {marker}; sleep 1) | openssl s_client -connect {fmt(b, ECHO)} "
+                f"-CAfile {lab.workdir / 'ca.crt'} -cert {files.cert} -key {files.key} "
+                "-quiet -no_ign_eof -verify_return_error"
+            ),
+        ],
+        timeout=15,
+    )
     assert marker in s_client.stdout, s_client.stderr
 
 
@@ -228,7 +268,7 @@ def test_e_plaintext_server_inside_the_cidrs_fails_closed_until_excluded(lab, fa
             since = offsets(lab)
             assert probe(lab.host("a").netns, dst, ECHO, b"hello") == (b"hello", "eof"), flags
             time.sleep(0.2)
-            assert fmt(dst, ECHO) not in lab.sidecars["a"].log()[since["a"]:]
+            assert fmt(dst, ECHO) not in lab.sidecars["a"].log()[since["a"] :]
     finally:
         restart(lab, "a")
 
@@ -239,7 +279,7 @@ def test_f_address_outside_the_cidrs_goes_direct(lab, family):
     since = offsets(lab)
     assert probe(lab.host("a").netns, dst, ECHO, b"direct") == (b"direct", "eof")
     time.sleep(0.2)
-    assert fmt(dst, ECHO) not in lab.sidecars["a"].log()[since["a"]:]
+    assert fmt(dst, ECHO) not in lab.sidecars["a"].log()[since["a"] :]
 
 
 # g) ------------------------------------------------------------------------
@@ -253,8 +293,9 @@ def test_g_server_of_another_trust_domain_is_refused(lab, family):
         since = offsets(lab)
         received, end = probe(lab.host("a").netns, b, ECHO, b"secret")
         assert end == "reset" and b"secret" not in received
-        line = wait_for_log(lab, "a", rf"egress \S+ -> {re.escape(fmt(b, ECHO))} refused",
-                            since["a"])
+        line = wait_for_log(
+            lab, "a", rf"egress \S+ -> {re.escape(fmt(b, ECHO))} refused", since["a"]
+        )
         assert "wrong trust domain 'evil.example'" in line and "spiffe://evil.example" in line
     finally:
         restart(lab, "b")
@@ -276,8 +317,9 @@ def kernel_state(lab: PodLab, pod: str) -> dict[str, str]:
 
 def test_h_lifecycle_sigterm_sigkill_and_lo_flap(tmp_path):
     with PodLab(tmp_path, prefix=next_prefix()) as lab:
-        lab.start_app("b", sys.executable, "-m", "trio_tproxy.apps", "echo-server", str(ECHO),
-                      port=ECHO)
+        lab.start_app(
+            "b", sys.executable, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO
+        )
         lab.start_sidecar("b")
         lab.start_sidecar("a")
         state = kernel_state(lab, "a")
@@ -308,8 +350,12 @@ def test_h_lifecycle_sigterm_sigkill_and_lo_flap(tmp_path):
 
 
 def test_h_rules_subcommand_show_apply_delete(lab):
-    show = subprocess.run([sys.executable, "-m", "trio_tproxy", "rules", "show",
-                           "--table", "probe_t"], capture_output=True, text=True, check=True)
+    show = subprocess.run(
+        [sys.executable, "-m", "trio_tproxy", "rules", "show", "--table", "probe_t"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "table inet probe_t" in show.stdout and "tproxy" in show.stdout
     pod = "outside"  # no sidecar there: apply/delete must leave it as it was
     cmd = [sys.executable, "-m", "trio_tproxy", "rules"]
@@ -325,14 +371,32 @@ def test_h_rules_subcommand_show_apply_delete(lab):
 def test_h_run_without_capabilities_fails_with_one_line(lab):
     files = lab.files["a"]
     out = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-         sys.executable, "-m", "trio_tproxy", "run", "--cert", str(files.cert), "--key",
-         str(files.key), "--ca-cert", str(files.ca_cert)],
-        capture_output=True, text=True, timeout=30)
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            sys.executable,
+            "-m",
+            "trio_tproxy",
+            "run",
+            "--cert",
+            str(files.cert),
+            "--key",
+            str(files.key),
+            "--ca-cert",
+            str(files.ca_cert),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and ("CAP_NET_ADMIN" in lines[0] or "cannot read" in lines[0]
-                                or "Permission denied" in lines[0]), out.stderr
+    assert len(lines) == 1 and (
+        "CAP_NET_ADMIN" in lines[0] or "cannot read" in lines[0] or "Permission denied" in lines[0]
+    ), out.stderr
 
 
 # i) ------------------------------------------------------------------------
@@ -347,8 +411,12 @@ def test_i_half_close_and_reset_property_through_the_kernel(lab, family):
 
     pods = Pods(lab, socket.AF_INET if family == "ipv4" else socket.AF_INET6)
 
-    @settings(max_examples=KERNEL_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=KERNEL_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(script=scripts)
     def prop(script):
         trio.run(run_script, script, pods.transport)
@@ -360,12 +428,14 @@ def test_i_kernel_transport_really_goes_through_both_sidecars(lab):
     """Guard for the property above: its connections are proxied, not direct."""
     pods = Pods(lab)
     since = offsets(lab)
-    trio.run(run_script, [("send", "client", 10), ("eof", "client", 0),
-                          ("eof", "server", 0)], pods.transport)
+    trio.run(
+        run_script,
+        [("send", "client", 10), ("eof", "client", 0), ("eof", "server", 0)],
+        pods.transport,
+    )
     dst = fmt(lab.host("b").ip4, Pods.PORT)
     assert "outcome=ok" in wait_for_log(lab, "a", rf"egress \S+ -> {re.escape(dst)} ", since["a"])
-    assert "outcome=ok" in wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(dst)} ",
-                                        since["b"])
+    assert "outcome=ok" in wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(dst)} ", since["b"])
 
 
 def test_workdir_is_private(lab):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from helpers import abort_socket_stream, expect_reset, make_pki, read_to_eof, spiffe, tls_pair
+
 from trio_tproxy import certs, tlspolicy
 from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
 from trio_tproxy.proxy import Sidecar
@@ -119,7 +119,7 @@ def test_mtls_round_trip_logs_both_identities(pki, caplog):
             assert await read_to_eof(client) == b"hello through mTLS"
             await client.aclose()
             with trio.fail_after(5):
-                while not (a.stats.connections and b.stats.connections):
+                while not (a.stats.connections and b.stats.connections):  # noqa: ASYNC110 - polls counters
                     await trio.sleep(0.01)
         assert a.stats.connections[("egress", "ok")] == 1
         assert b.stats.connections[("ingress", "ok")] == 1

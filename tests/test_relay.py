@@ -12,7 +12,6 @@ import socket
 
 import pytest
 import trio
-
 from helpers import (
     Contexts,
     abort_socket_stream,
@@ -26,8 +25,9 @@ from helpers import (
     tcp_pair,
     tls_pair,
 )
+
 from trio_tproxy.relay import relay
-from trio_tproxy.tlsstream import ConnectionReset, TLSStream, TruncatedError
+from trio_tproxy.tlsstream import ConnectionReset, TruncatedError
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 
 def _listen(port: int) -> socket.socket:
@@ -39,7 +40,7 @@ def _read_to_eof(conn: socket.socket) -> bytes:
     return b"".join(parts)
 
 
-def _serve(port: int, handle: object, *args: object) -> None:
+def _serve(port: int, handle: Callable[..., None], *args: object) -> None:
     srv = _listen(port)
     print(f"listening on [::]:{port}", flush=True)
     while True:

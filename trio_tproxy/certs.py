@@ -24,6 +24,7 @@ import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -344,7 +345,7 @@ def _one_line(exc: BaseException) -> str:
 _CREATE_CA_HINT = " (create one with `trio-tproxy certs ca --out DIR`)"
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add ``certs ca`` and ``certs issue`` to the program's subcommands."""
     certs = subparsers.add_parser(
         "certs",

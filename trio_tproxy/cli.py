@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from . import __version__
 from .config import (
@@ -29,6 +29,7 @@ from .config import (
 )
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,10 +39,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _typed(parse):  # type: ignore[no-untyped-def]
+def _typed(parse: Callable[[str], T]) -> Callable[[str], T]:
     """Adapt a ConfigError-raising parser to argparse's ValueError convention."""
 
-    def convert(text: str):  # type: ignore[no-untyped-def]
+    def convert(text: str) -> T:
         try:
             return parse(text)
         except ConfigError as exc:

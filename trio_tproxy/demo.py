@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .podlab import PodLab, spiffe_id
 
@@ -33,7 +34,7 @@ _CONN_LINE = re.compile(
 )
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
         "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
     )
@@ -44,10 +45,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def missing_prerequisites() -> list[str]:
     problems = []
     if os.geteuid() != 0:
-        problems.append("the demo needs root: it creates network namespaces and nftables rules "
-                        "(run it with sudo)")
-    for tool, package in (("ip", "iproute2"), ("nft", "nftables"), ("curl", "curl"),
-                          ("tcpdump", "tcpdump"), ("ss", "iproute2")):
+        problems.append(
+            "the demo needs root: it creates network namespaces and nftables rules "
+            "(run it with sudo)"
+        )
+    for tool, package in (
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("curl", "curl"),
+        ("tcpdump", "tcpdump"),
+        ("ss", "iproute2"),
+    ):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not installed (apt-get install {package})")
     return problems
@@ -90,38 +98,75 @@ def _step(text: str) -> None:
 
 def _demo(lab: PodLab, started: float) -> int:
     a, b, node = lab.host("a"), lab.host("b"), lab.topology.netns_of("node")
-    _step(f"pods in network namespaces {a.netns} ({a.ip4}, {a.ip6}) and "
-          f"{b.netns} ({b.ip4}, {b.ip6}), bridged in {node}")
+    _step(
+        f"pods in network namespaces {a.netns} ({a.ip4}, {a.ip6}) and "
+        f"{b.netns} ({b.ip4}, {b.ip6}), bridged in {node}"
+    )
     _step(f"certificates: A is {spiffe_id('a')}, B is {spiffe_id('b')} (one throwaway CA)")
     capture = lab.workdir / "bridge.pcap"
     tcpdump = lab.topology.popen(
-        "node", ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
-        stdout=open(os.devnull, "wb"), stderr=open(lab.workdir / "tcpdump.log", "wb"),
+        "node",
+        ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
+        stdout=open(os.devnull, "wb"),
+        stderr=open(lab.workdir / "tcpdump.log", "wb"),
     )
     lab.start_sidecar("a")
     lab.start_sidecar("b")
     _step("sidecars ready in both pods (nftables TPROXY + policy routes installed)")
-    lab.start_app("b", sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", "::",
-                  port=HTTP_PORT)
-    lab.start_app("b", sys.executable, "-m", "trio_tproxy.apps", "halfclose-server",
-                  str(RAW_PORT), "0.3", port=RAW_PORT)
+    lab.start_app(
+        "b", sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", "::", port=HTTP_PORT
+    )
+    lab.start_app(
+        "b",
+        sys.executable,
+        "-m",
+        "trio_tproxy.apps",
+        "halfclose-server",
+        str(RAW_PORT),
+        "0.3",
+        port=RAW_PORT,
+    )
     _wait_capture_ready(lab)
 
     marker = f"plaintext-marker-{secrets.token_hex(8)}"
     ok = True
     for ip in (b.ip4, b.ip6):
         host = f"[{ip}]" if ":" in ip else ip
-        http = lab.topology.run("a", ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                                      "-H", f"X-Marker: {marker}", f"http://{host}:{HTTP_PORT}/"])
+        http = lab.topology.run(
+            "a",
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                f"X-Marker: {marker}",
+                f"http://{host}:{HTTP_PORT}/",
+            ],
+        )
         ok &= http.stdout.strip() == "200"
         _step(f"A: curl http://{host}:{HTTP_PORT}/ -> HTTP {http.stdout.strip() or http.stderr}")
         message = f"{marker} " * 1000
-        raw = lab.topology.run("a", [sys.executable, "-m", "trio_tproxy.apps", "halfclose-client",
-                                     ip, str(RAW_PORT), message])
+        raw = lab.topology.run(
+            "a",
+            [
+                sys.executable,
+                "-m",
+                "trio_tproxy.apps",
+                "halfclose-client",
+                ip,
+                str(RAW_PORT),
+                message,
+            ],
+        )
         ok &= raw.stdout.startswith(f"got {len(message)} bytes")
-        _step(f"A: sent {len(message)} B to {host}:{RAW_PORT}, shut its write side, B answered "
-              f"0.3 s "
-              f"later: {raw.stdout.strip() or raw.stderr.strip()}")
+        _step(
+            f"A: sent {len(message)} B to {host}:{RAW_PORT}, shut its write side, B answered "
+            f"0.3 s "
+            f"later: {raw.stdout.strip() or raw.stderr.strip()}"
+        )
 
     time.sleep(0.3)
     lab.topology.stop(tcpdump, sig=signal.SIGINT)
@@ -133,18 +178,24 @@ def _demo(lab: PodLab, started: float) -> int:
     print("What each sidecar saw (from their logs):")
     for pod in ("a", "b"):
         for m in _CONN_LINE.finditer(lab.sidecars[pod].log()):
-            print(f"  {pod.upper()} {m['dir']:7} {m['src']:>26} -> {m['dst']:<24} "
-                  f"peer {m['peer']}  {m['version']} {m['cipher']}  "
-                  f"sent {m['sent']} B, received {m['received']} B, {m['outcome']}")
+            print(
+                f"  {pod.upper()} {m['dir']:7} {m['src']:>26} -> {m['dst']:<24} "
+                f"peer {m['peer']}  {m['version']} {m['cipher']}  "
+                f"sent {m['sent']} B, received {m['received']} B, {m['outcome']}"
+            )
     print()
-    print(f"Wire: {len(wire)} bytes captured on the bridge, {tls_records} TLS application-data "
-          f"records, plaintext marker found {leaks} times.")
+    print(
+        f"Wire: {len(wire)} bytes captured on the bridge, {tls_records} TLS application-data "
+        f"records, plaintext marker found {leaks} times."
+    )
     lines = {pod: len(_CONN_LINE.findall(lab.sidecars[pod].log())) for pod in ("a", "b")}
     codes = {pod: lab.stop_sidecar(pod) for pod in ("a", "b")}
     ok &= leaks == 0 and tls_records > 0 and lines["a"] >= 4 and lines["b"] >= 4
     ok &= codes == {"a": 0, "b": 0}
-    print(f"Sidecars stopped with SIGTERM (exit codes {codes['a']}, {codes['b']}), "
-          f"rules and routes removed; namespaces removed next.")
+    print(
+        f"Sidecars stopped with SIGTERM (exit codes {codes['a']}, {codes['b']}), "
+        f"rules and routes removed; namespaces removed next."
+    )
     print(f"{'OK' if ok else 'FAILED'}: demo took {time.monotonic() - started:.1f}s")
     return 0 if ok else 1
 

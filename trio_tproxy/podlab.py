@@ -73,13 +73,19 @@ class PodLab:
         certs.write_key(d / "ca.key", ca_key)
         for host in self.topology.hosts:
             cert, key = certs.issue(
-                ca_cert, ca_key, spiffe_ids=[spiffe_id(host.name)],
+                ca_cert,
+                ca_key,
+                spiffe_ids=[spiffe_id(host.name)],
                 ips=[host.ip4, host.ip6, host.ip4_plain, host.ip6_plain],
             )
             self._write(host.name, cert, key, d / "ca.crt")
         # Same CA, another trust domain: chain-valid, identity-invalid.
-        cert, key = certs.issue(ca_cert, ca_key, spiffe_ids=["spiffe://evil.example/ns/x/sa/b"],
-                                ips=[self.host("b").ip4, self.host("b").ip6])
+        cert, key = certs.issue(
+            ca_cert,
+            ca_key,
+            spiffe_ids=["spiffe://evil.example/ns/x/sa/b"],
+            ips=[self.host("b").ip4, self.host("b").ip6],
+        )
         self._write("b-evil-domain", cert, key, d / "ca.crt")
         rogue_ca, rogue_key = certs.make_ca(common_name="rogue CA")
         certs.write_cert(d / "rogue-ca.crt", rogue_ca)
@@ -93,19 +99,36 @@ class PodLab:
 
     # -- sidecars ------------------------------------------------------------------
 
-    def start_sidecar(self, pod: str, *flags: str, identity: str | None = None,
-                      wait: float = 20.0) -> Sidecar:
+    def start_sidecar(
+        self, pod: str, *flags: str, identity: str | None = None, wait: float = 20.0
+    ) -> Sidecar:
         """Run ``trio-tproxy run`` in ``pod``'s namespace; return once it logged "ready"."""
         files = self.files[identity or pod]
         log_path = self.workdir / f"sidecar-{pod}.log"
         with open(log_path, "ab") as log:
             process = self.topology.popen(
                 pod,
-                [sys.executable, "-m", "trio_tproxy", "run", "--cert", str(files.cert),
-                 "--key", str(files.key), "--ca-cert", str(files.ca_cert),
-                 "--trust-domain", TRUST_DOMAIN, "-v", "1", "--route-check-interval", "0.5",
-                 *flags],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "trio_tproxy",
+                    "run",
+                    "--cert",
+                    str(files.cert),
+                    "--key",
+                    str(files.key),
+                    "--ca-cert",
+                    str(files.ca_cert),
+                    "--trust-domain",
+                    TRUST_DOMAIN,
+                    "-v",
+                    "1",
+                    "--route-check-interval",
+                    "0.5",
+                    *flags,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         sidecar = Sidecar(pod, process, log_path)
         self.sidecars[pod] = sidecar

@@ -41,7 +41,7 @@ IngressDialer = Callable[[Address, Address], Awaitable[trio.SocketStream]]
 #: Finds where an egress connection was going.
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
 
-_LOOPBACK = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
+_LOOPBACK: dict[int, str] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
 
 
 def fmt_addr(addr: Address) -> str:

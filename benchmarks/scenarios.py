@@ -1,0 +1,176 @@
+"""The measurements: each runs one load generator in pod A against the app in pod B.
+
+Why they all go through :func:`_measured`: every figure must come with the
+proxies' CPU over exactly the same interval, and with the load generators' own
+CPU, so that a reader can tell a slow proxy from a saturated client. The
+client reports its CPU itself (getrusage); the app server's is read from /proc
+like the proxies'.
+
+Figures (see the README for the definitions):
+
+* bulk: MB/s = bytes of both directions / wall time of the whole exchange
+  (connect to the last byte received), 1 MB = 10^6 bytes; proxy CPU seconds
+  per GiB moved (both directions counted).
+* connection rate: connections per second, latency p50/p99 (connect to the
+  100-byte answer), proxy CPU ms per connection; sequential and 8 at a time.
+* request/response: 64-byte ping-pong latency on one connection.
+* idle: proxy RSS growth per held connection.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import procstat
+from .proxies import Proxy
+
+LOADGEN = Path(__file__).with_name("loadgen.py")
+RR_SIZE = 64
+CONCURRENCY = 8
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    bulk_mib: int
+    conn_seconds: float
+    rr_count: int
+    idle_conns: int
+
+
+@dataclass
+class Context:
+    proxy: Proxy
+    server_pid: int
+    settings: Settings
+    #: Called around the bulk test with the proxy PIDs (the optional profiler).
+    around_bulk: Callable[[list[int]], Callable[[], None]] | None = None
+
+
+class LoadgenError(RuntimeError):
+    """A load generator failed: the figure would be meaningless."""
+
+
+def _client(*args: object) -> list[str]:
+    return [sys.executable, str(LOADGEN), *map(str, args)]
+
+
+def _measured(ctx: Context, argv: list[str], timeout: float) -> tuple[Result, float, float]:
+    """Run a client in pod A; return its JSON, proxy CPU s and server CPU s meanwhile."""
+    topo = ctx.proxy.lab.topology
+    pids = ctx.proxy.pids()
+    proxy0, server0 = procstat.cpu_seconds(pids), procstat.cpu_seconds([ctx.server_pid])
+    done = topo.run("a", argv, timeout=timeout)
+    proxy_cpu = procstat.cpu_seconds(pids) - proxy0
+    server_cpu = procstat.cpu_seconds([ctx.server_pid]) - server0
+    if done.returncode != 0:
+        raise LoadgenError(
+            f"{ctx.proxy.name}: {' '.join(argv[2:])} exited {done.returncode}: "
+            f"{done.stderr.strip()[-2000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1]), proxy_cpu, server_cpu
+
+
+def _loadgen_cpu(client_cpu: float, server_cpu: float, seconds: float) -> Result:
+    return {
+        "client_cpu_pct": 100 * client_cpu / seconds,
+        "server_cpu_pct": 100 * server_cpu / seconds,
+    }
+
+
+def bulk(ctx: Context) -> Result:
+    host, port = ctx.proxy.target("bulk")
+    argv = _client("bulk", host, port, ctx.settings.bulk_mib)
+    stop_profile = ctx.around_bulk(ctx.proxy.pids()) if ctx.around_bulk else None
+    try:
+        out, proxy_cpu, server_cpu = _measured(ctx, argv, timeout=900)
+    finally:
+        if stop_profile:
+            stop_profile()
+    moved = 2 * out["bytes_each_way"]
+    result: Result = {"bulk_mbps": moved / out["seconds"] / 1e6}
+    if ctx.proxy.tls:
+        result["bulk_cpu_s_per_gib"] = proxy_cpu / (moved / 2**30)
+        result["bulk_proxy_cpu_pct"] = 100 * proxy_cpu / out["seconds"]
+    result["loadgen"] = _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"])
+    return result
+
+
+def connrate(ctx: Context, concurrency: int) -> Result:
+    key = "conn_seq" if concurrency == 1 else f"conn_c{concurrency}"
+    host, port = ctx.proxy.target("conn")
+    argv = _client("connrate", host, port, ctx.settings.conn_seconds, concurrency)
+    out, proxy_cpu, server_cpu = _measured(ctx, argv, timeout=ctx.settings.conn_seconds + 120)
+    if out["connections"] == 0:
+        raise LoadgenError(f"{ctx.proxy.name}: no connection succeeded: {out['first_errors']}")
+    result: Result = {
+        f"{key}_per_s": out["connections"] / out["seconds"],
+        f"{key}_p50_ms": out["p50_ms"],
+        f"{key}_p99_ms": out["p99_ms"],
+        f"{key}_errors": out["errors"],
+    }
+    if ctx.proxy.tls:
+        result[f"{key}_cpu_ms_per_conn"] = 1000 * proxy_cpu / out["connections"]
+    result["loadgen"] = _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"])
+    if out["errors"]:
+        result["first_errors"] = out["first_errors"]
+    return result
+
+
+def request_response(ctx: Context) -> Result:
+    host, port = ctx.proxy.target("rr")
+    argv = _client("rr", host, port, ctx.settings.rr_count, RR_SIZE)
+    out, _, server_cpu = _measured(ctx, argv, timeout=300)
+    return {
+        "rr_p50_us": out["p50_us"],
+        "rr_p99_us": out["p99_us"],
+        "rr_p999_us": out["p999_us"],
+        "loadgen": _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"]),
+    }
+
+
+def idle(ctx: Context) -> Result:
+    """RSS of the proxies before and while the client holds ``idle_conns`` connections."""
+    count = ctx.settings.idle_conns
+    host, port = ctx.proxy.target("idle")
+    pids = ctx.proxy.pids()
+    before = procstat.rss_kib(pids)
+    proc = ctx.proxy.lab.topology.popen(
+        "a",
+        _client("idle", host, port, count),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin and proc.stdout and proc.stderr
+    try:
+        if not select.select([proc.stdout], [], [], 300)[0]:
+            raise LoadgenError(f"{ctx.proxy.name}: idle client did not open {count} connections")
+        line = proc.stdout.readline()
+        if not line:
+            raise LoadgenError(
+                f"{ctx.proxy.name}: idle client failed: {proc.stderr.read().decode()[-2000:]}"
+            )
+        opened = json.loads(line)
+        time.sleep(0.5)  # let the last handshakes' buffers settle
+        after = procstat.rss_kib(pids)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        finally:
+            ctx.proxy.lab.topology.stop(proc)
+    result: Result = {"idle_open_per_s": opened["opened"] / opened["seconds"]}
+    if pids:
+        result["idle_rss_before_kib"] = before
+        result["idle_rss_after_kib"] = after
+        result["idle_kib_per_conn"] = (after - before) / count
+    return result
