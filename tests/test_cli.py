@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_pki
+
 from trio_tproxy import certs, nft
 from trio_tproxy.cli import build_parser, config_from, interception_from
 
@@ -135,7 +135,7 @@ def test_bad_files_name_the_file_and_the_problem(pki, tmp_path):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
     ca_cert, ca_key = certs.make_ca()
-    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     expired, expired_key = certs.issue(
         ca_cert,
         ca_key,
