@@ -317,7 +317,13 @@ def idle(host: str, port: int, count: int) -> None:
         sock.sendall(b"i")
         recv_exactly(sock, one)
         socks.append(sock)
-    emit({"opened": len(socks), "seconds": time.perf_counter() - t0, "cpu_seconds": cpu_seconds() - cpu0})
+    emit(
+        {
+            "opened": len(socks),
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": cpu_seconds() - cpu0,
+        }
+    )
     sys.stdin.read()  # the harness measures memory now, then closes our stdin
     for sock in socks:
         sock.close()

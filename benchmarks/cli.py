@@ -1,0 +1,342 @@
+"""``python -m benchmarks``: plaintext vs trio-tproxy vs stunnel vs haproxy, in one run.
+
+Why one command: the figures only mean something side by side, measured on
+the same machine, in the same topology, minutes apart. So one run builds the
+two-pod namespaces (PodLab), starts the app server in pod B once, and then,
+for each repetition, runs every selected set-up in turn: start it, (first
+repetition only) prove it does mutual TLS, measure idle memory, ping-pong
+latency, connection rates and bulk throughput, stop it. Repetitions are
+interleaved so that a slow minute on a shared machine hits every set-up alike.
+Leaving the ``with PodLab`` block (normally, on error, Ctrl-C or SIGTERM)
+removes every namespace and process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from trio_tproxy.podlab import PodLab
+
+from . import chart, checks, machine, pyspy, report, scenarios, speed
+from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULTS = scenarios.Settings(bulk_mib=512, conn_seconds=3.0, rr_count=10_000, idle_conns=1000)
+QUICK = scenarios.Settings(bulk_mib=32, conn_seconds=1.0, rr_count=1000, idle_conns=100)
+DEFAULT_REPEAT = 3
+#: Above this, a load generator may be what limits the figure (CPU % of one core).
+SATURATED_PCT = 90.0
+#: Inside the pods: reuse TIME_WAIT ports and widen the ephemeral range, or the
+#: connection-rate tests run out of ports to the one destination they hammer.
+POD_SYSCTLS = ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=30000 65000")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark plaintext, trio-tproxy, stunnel and haproxy between two "
+        "pods in network namespaces (needs root).",
+    )
+    p.add_argument("--only", default=",".join(ALL), help="comma-separated: " + ", ".join(ALL))
+    p.add_argument("--repeat", type=int, help=f"repetitions, medians reported ({DEFAULT_REPEAT})")
+    p.add_argument("--bulk-mib", type=int, help=f"MiB each direction ({DEFAULTS.bulk_mib})")
+    p.add_argument(
+        "--conn-seconds",
+        type=float,
+        help=f"seconds per connection-rate test ({DEFAULTS.conn_seconds:g})",
+    )
+    p.add_argument("--rr-count", type=int, help=f"ping-pongs ({DEFAULTS.rr_count})")
+    p.add_argument("--idle-conns", type=int, help=f"held connections ({DEFAULTS.idle_conns})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {QUICK.bulk_mib} MiB, {QUICK.conn_seconds:g} s, {QUICK.rr_count} "
+        f"ping-pongs, {QUICK.idle_conns} idle, 1 repetition (explicit flags still win)",
+    )
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the trio-tproxy sidecars during bulk (perturbs the figures a little)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL]
+    if unknown or not names:
+        p.error(f"--only: unknown {unknown}; choose from {', '.join(ALL)}")
+    args.proxies = [n for n in ALL if n in names]
+    base = QUICK if args.quick else DEFAULTS
+    args.settings = scenarios.Settings(
+        bulk_mib=args.bulk_mib or base.bulk_mib,
+        conn_seconds=args.conn_seconds or base.conn_seconds,
+        rr_count=args.rr_count or base.rr_count,
+        idle_conns=args.idle_conns or base.idle_conns,
+    )
+    args.repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
+    return args
+
+
+def missing_prerequisites(proxies: list[str]) -> list[str]:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("needs root: it creates network namespaces and nftables rules")
+    tools = [("ip", "iproute2"), ("nft", "nftables"), ("ss", "iproute2")]
+    tools += [("openssl", "openssl"), ("sysctl", "procps")]
+    if "stunnel" in proxies:
+        tools.append(("stunnel4", "stunnel4"))
+    if "haproxy" in proxies:
+        tools.append(("haproxy", "haproxy"))
+    for tool, package in tools:
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} is not installed (apt-get install {package})")
+    return problems
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problems = missing_prerequisites(args.proxies)
+    if problems:
+        for problem in problems:
+            print(f"benchmarks: {problem}", file=sys.stderr)
+        return 2
+    main_pid = os.getpid()
+
+    def _interrupt(signum: int, frame: object) -> None:
+        # pyroute2's forked helpers inherit this handler: only we unwind into the teardown.
+        if os.getpid() != main_pid:
+            os._exit(0)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-bench-"))
+    started = time.monotonic()
+    try:
+        with PodLab(workdir) as lab:
+            document = run(lab, args, stamp, started)
+    except KeyboardInterrupt:
+        print("\ninterrupted: namespaces and processes removed", file=sys.stderr)
+        return 130
+    except scenarios.LoadgenError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    finish(document, args, stamp, time.monotonic() - started)
+    return 1 if document["warnings"] else 0
+
+
+def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> dict[str, Any]:
+    s: scenarios.Settings = args.settings
+    _say(
+        f"benchmarks: {', '.join(args.proxies)}; {args.repeat} repetition(s); bulk "
+        f"{s.bulk_mib} MiB each way, connections {s.conn_seconds:g} s per test, "
+        f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections"
+    )
+    _say("openssl speed (1 s each, one core) ...")
+    crypto = speed.openssl_speed()
+    for pod in ("a", "b"):
+        for sysctl in POD_SYSCTLS:
+            lab.topology.run(pod, ["sysctl", "-q", "-w", sysctl], check=True)
+    server = lab.topology.popen(
+        "b",
+        [sys.executable, str(scenarios.LOADGEN), "serve", str(APP_PORT)],
+        stdout=open(lab.workdir / "app-server.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=open(lab.workdir / "app-server.err", "wb"),  # noqa: SIM115
+    )
+    for service in SERVICES:
+        lab.topology.wait_port("b", "::", app_port(service), proc=server)
+
+    reps: dict[str, list[dict[str, Any]]] = {name: [] for name in args.proxies}
+    mtls: dict[str, dict[str, Any]] = {}
+    configurations: dict[str, dict[str, str]] = {}
+    notes: dict[str, list[dict[str, str]]] = {name: [] for name in args.proxies}
+    for rep in range(args.repeat):
+        for name in args.proxies:
+            proxy = ALL[name](lab)
+            configurations.setdefault(name, proxy.configuration())
+            hook = None
+            if args.profile and name == "trio-tproxy":
+                hook = pyspy.recorder(args.out, f"{stamp}-profile-rep{rep + 1}")
+            ctx = scenarios.Context(proxy, server.pid, s, around_bulk=hook)
+            try:
+                proxy.start()
+                if rep == 0 and proxy.tls:
+                    verdict = checks.verify_mtls(proxy)
+                    mtls[name] = {"ok": verdict.ok, "summary": verdict.summary}
+                    mtls[name]["probes"] = verdict.probes
+                    _say(
+                        f"  mTLS check {name}: {'OK' if verdict.ok else 'FAILED'}: "
+                        f"{verdict.summary}"
+                    )
+                reps[name].append(measure(ctx, f"[{rep + 1}/{args.repeat}] {name}"))
+            finally:
+                proxy.stop()
+            notes[name].append(dict(proxy.notes))
+            if proxy.notes:
+                _say(f"      {name} sidecars at stop: {proxy.notes}")
+    lab.topology.stop(server)
+    return {
+        "timestamp": stamp,
+        "command": " ".join(["python -m benchmarks", *(sys.argv[1:])]),
+        "settings": {**s.__dict__, "repeat": args.repeat, "quick": args.quick},
+        "profiled": args.profile,
+        "proxies": args.proxies,
+        "machine": machine.describe(),
+        "openssl_speed": crypto,
+        "mtls_checks": mtls,
+        "configurations": configurations,
+        "repetitions": reps,
+        "sidecar_notes": notes,
+        "medians": {name: report.medians(r) for name, r in reps.items()},
+        "loadgen_cpu": {name: report.loadgen_medians(r) for name, r in reps.items()},
+        "definitions": DEFINITIONS,
+        "topology": {
+            "a": lab.host("a").ip4,
+            "b": lab.host("b").ip4,
+            "pod_sysctls": list(POD_SYSCTLS),
+        },
+    }
+
+
+def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
+    """All tests of one set-up, idle first (so earlier tests' heap does not hide growth)."""
+    out: dict[str, Any] = {"loadgen": {}}
+
+    def take(test: str, result: dict[str, Any]) -> dict[str, Any]:
+        if "loadgen" in result:
+            out["loadgen"][test] = result.pop("loadgen")
+        out.update(result)
+        return result
+
+    r = take("idle", scenarios.idle(ctx))
+    idle = f"{r['idle_kib_per_conn']:.1f} KiB/conn" if "idle_kib_per_conn" in r else "-"
+    r = take("rr", scenarios.request_response(ctx))
+    rr = f"p50 {r['rr_p50_us']:.0f} us p99 {r['rr_p99_us']:.0f} us"
+    seq = take("conn_seq", scenarios.connrate(ctx, 1))["conn_seq_per_s"]
+    c8 = take("conn_c8", scenarios.connrate(ctx, scenarios.CONCURRENCY))["conn_c8_per_s"]
+    r = take("bulk", scenarios.bulk(ctx))
+    lg = out["loadgen"]["bulk"]
+    _say(
+        f"  {tag}: idle {idle}; ping-pong {rr}; conn {seq:.0f}/s seq, {c8:.0f}/s c8; "
+        f"bulk {r['bulk_mbps']:.0f} MB/s (client {lg['client_cpu_pct']:.0f}% / "
+        f"server {lg['server_cpu_pct']:.0f}% of a core"
+        + (f", proxies {r['bulk_proxy_cpu_pct']:.0f}%)" if "bulk_proxy_cpu_pct" in r else ")")
+    )
+    return out
+
+
+DEFINITIONS = {
+    "bulk_mbps": "one connection; the client sends N MiB and half-closes while the server "
+    "reads to EOF and sends N MiB back; (2 x N MiB) / wall time from connect to the last "
+    "byte, in 10^6 bytes/s",
+    "bulk_cpu_s_per_gib": "CPU seconds of the proxies of A and B together (utime+stime, all "
+    "threads and children, /proc/<pid>/stat) per GiB moved, both directions counted",
+    "conn_*": "short connections: connect, send 100 B, read 100 B, close; sequential or 8 "
+    "client threads for a fixed time; latency from connect to the answer; proxy CPU ms per "
+    "connection (A+B)",
+    "rr_*": "ping-pong of 64 B on one connection (TCP_NODELAY), after 100 warm-up rounds",
+    "idle_kib_per_conn": "VmRSS summed over the proxies' processes in A and B, before vs while "
+    "holding the connections (each proven by a 1-byte echo), divided by their number",
+    "loadgen_cpu": "client CPU from its getrusage, server CPU from /proc, as % of one core over "
+    "the test's wall time",
+    "ratios": "value / haproxy's value, whatever the direction; see 'better'",
+}
+
+
+def warnings_of(document: dict[str, Any], wall: float) -> list[str]:
+    """What makes a figure suspect: say it next to the figures, not only in the JSON."""
+    found = []
+    for name, check in document["mtls_checks"].items():
+        if not check["ok"]:
+            found.append(f"{name}: mTLS check failed: {check['summary']}")
+    for name in document["proxies"]:
+        proxy_cls: type[Proxy] = ALL[name]
+        for test, cpu in document["loadgen_cpu"][name].items():
+            for side in ("client", "server"):
+                pct = cpu[f"{side}_cpu_pct"]
+                if proxy_cls.tls and pct > SATURATED_PCT:
+                    found.append(
+                        f"{name} {test}: load generator {side} used {pct:.0f}% of a core: "
+                        "it may be the bottleneck"
+                    )
+        med = document["medians"][name]
+        for key in ("conn_seq_errors", "conn_c8_errors"):
+            if med.get(key):
+                found.append(f"{name}: {key} = {med[key]:.0f} (median)")
+        if proxy_cls.tls and med.get("bulk_cpu_s_per_gib", 1.0) < 0.05:
+            found.append(f"{name}: proxies barely used CPU in bulk: did traffic bypass them?")
+        for rep_notes in document["sidecar_notes"][name]:
+            a_note = rep_notes.get("a", "")
+            if name == "trio-tproxy" and "egress/ok" not in a_note:
+                found.append(f"trio-tproxy: sidecar A counted no egress connection: {a_note}")
+    if wall > 600 and not document["settings"]["quick"]:
+        found.append(f"the run took {wall:.0f} s, over the 10-minute budget")
+    return found
+
+
+def finish(document: dict[str, Any], args: argparse.Namespace, stamp: str, wall: float) -> None:
+    document["wall_seconds"] = wall
+    document["warnings"] = warnings_of(document, wall)
+    proxies: list[str] = document["proxies"]
+    crypto = document["openssl_speed"]
+    _say("")
+    _say(
+        f"Medians of {args.repeat} repetition(s); (x) = ratio to haproxy. Bulk MB/s counts "
+        "both directions (10^6 B); proxy CPU and RSS are A+B."
+    )
+    _say(report.table(proxies, document["medians"]))
+    _say("")
+    _say(report.loadgen_table(proxies, document["loadgen_cpu"]))
+    bulk_proxy = [
+        f"{p} {document['medians'][p]['bulk_proxy_cpu_pct']:.0f}%"
+        for p in proxies
+        if "bulk_proxy_cpu_pct" in document["medians"][p]
+    ]
+    if bulk_proxy:
+        _say(f"proxies' CPU during bulk (A+B, % of one core): {', '.join(bulk_proxy)}")
+    if "error" in crypto:
+        _say(f"openssl speed failed: {crypto['error']}")
+    else:
+        _say(
+            f"machine crypto limit ({crypto.get('openssl')}, one core): AES-256-GCM "
+            f"{crypto.get('aes_256_gcm_mbps', float('nan')):,.0f} MB/s on 16 KiB; ECDSA P-256 "
+            f"{crypto.get('ecdsa_p256_sign_per_s', float('nan')):,.0f} sign/s, "
+            f"{crypto.get('ecdsa_p256_verify_per_s', float('nan')):,.0f} verify/s"
+        )
+    for name, check in document["mtls_checks"].items():
+        _say(f"mTLS {name}: {'OK' if check['ok'] else 'FAILED'}: {check['summary']}")
+    if args.profile:
+        _say("")
+        for raw in sorted(args.out.glob(f"{stamp}-profile-*.txt")):
+            _say(f"py-spy own time, top 10 ({raw.name}):")
+            for frame, share in pyspy.own_time(raw):
+                _say(f"  {share:5.1f}%  {frame}")
+    for warning in document["warnings"]:
+        _say(f"WARNING: {warning}")
+    json_path = args.out / f"{stamp}.json"
+    report.write_json(json_path, document)
+    _say("")
+    _say(f"json: {json_path}")
+    title = f"trio-tproxy benchmarks {stamp} ({document['machine']['cpus']} CPUs, medians)"
+    _say(chart.draw(args.out / f"{stamp}.png", proxies, document["medians"], title))
+    _say(f"wall time: {wall:.0f} s")
