@@ -26,7 +26,7 @@ from typing import Any
 
 from trio_tproxy.podlab import PodLab
 
-from . import chart, checks, machine, pyspy, report, scenarios, speed
+from . import chart, checks, machine, procstat, pyspy, report, scenarios, speed
 from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,6 +35,10 @@ QUICK = scenarios.Settings(bulk_mib=32, conn_seconds=1.0, rr_count=1000, idle_co
 DEFAULT_REPEAT = 3
 #: Above this, a load generator may be what limits the figure (CPU % of one core).
 SATURATED_PCT = 90.0
+#: Above this, processes outside the benchmark disturbed a test (CPU % of one core).
+BUSY_OTHERS_PCT = 15.0
+#: --wait-quiet: what counts as a quiet machine (CPU % of one core used by others).
+QUIET_PCT = 10.0
 #: Inside the pods: reuse TIME_WAIT ports and widen the ephemeral range, or the
 #: connection-rate tests run out of ports to the one destination they hammer.
 POD_SYSCTLS = ("net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=30000 65000")
@@ -67,6 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         action="store_true",
         help="py-spy the trio-tproxy sidecars during bulk (perturbs the figures a little)",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each set-up, wait up to SECONDS for other processes to use less than "
+        f"{QUIET_PCT:g}%% of a core (for shared machines; default 0: do not wait)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = p.parse_args(argv)
@@ -152,6 +164,7 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
         f"{s.bulk_mib} MiB each way, connections {s.conn_seconds:g} s per test, "
         f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections"
     )
+    others0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     _say("openssl speed (1 s each, one core) ...")
     crypto = speed.openssl_speed()
     for pod in ("a", "b"):
@@ -178,6 +191,8 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
             if args.profile and name == "trio-tproxy":
                 hook = pyspy.recorder(args.out, f"{stamp}-profile-rep{rep + 1}")
             ctx = scenarios.Context(proxy, server.pid, s, around_bulk=hook)
+            if args.wait_quiet > 0:
+                wait_for_quiet(args.wait_quiet)
             try:
                 proxy.start()
                 if rep == 0 and proxy.tls:
@@ -195,7 +210,9 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
             if proxy.notes:
                 _say(f"      {name} sidecars at stop: {proxy.notes}")
     lab.topology.stop(server)
+    others = 100 * (procstat.foreign_cpu_seconds() - others0) / (time.monotonic() - t0)
     return {
+        "other_processes_cpu_pct": others,
         "timestamp": stamp,
         "command": " ".join(["python -m benchmarks", *(sys.argv[1:])]),
         "settings": {**s.__dict__, "repeat": args.repeat, "quick": args.quick},
@@ -216,6 +233,20 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
             "pod_sysctls": list(POD_SYSCTLS),
         },
     }
+
+
+def wait_for_quiet(limit: float) -> None:
+    """Wait (at most ``limit`` seconds) for a second in which others use < QUIET_PCT of a core."""
+    deadline = time.monotonic() + limit
+    while True:
+        before = procstat.foreign_cpu_seconds()
+        time.sleep(1.0)
+        busy = 100 * (procstat.foreign_cpu_seconds() - before)
+        if busy < QUIET_PCT:
+            return
+        if time.monotonic() > deadline:
+            _say(f"  machine still busy ({busy:.0f}% of a core used by others): going on")
+            return
 
 
 def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
@@ -279,6 +310,11 @@ def warnings_of(document: dict[str, Any], wall: float) -> list[str]:
                         f"{name} {test}: load generator {side} used {pct:.0f}% of a core: "
                         "it may be the bottleneck"
                     )
+            if cpu["other_cpu_pct"] > BUSY_OTHERS_PCT:
+                found.append(
+                    f"{name} {test}: other processes on the machine used "
+                    f"{cpu['other_cpu_pct']:.0f}% of a core meanwhile: figures disturbed"
+                )
         med = document["medians"][name]
         for key in ("conn_seq_errors", "conn_c8_errors"):
             if med.get(key):
@@ -323,6 +359,10 @@ def finish(document: dict[str, Any], args: argparse.Namespace, stamp: str, wall:
             f"{crypto.get('ecdsa_p256_sign_per_s', float('nan')):,.0f} sign/s, "
             f"{crypto.get('ecdsa_p256_verify_per_s', float('nan')):,.0f} verify/s"
         )
+    _say(
+        "processes outside the benchmark used "
+        f"{document['other_processes_cpu_pct']:.0f}% of one core on average during the run"
+    )
     for name, check in document["mtls_checks"].items():
         _say(f"mTLS {name}: {'OK' if check['ok'] else 'FAILED'}: {check['summary']}")
     if args.profile:

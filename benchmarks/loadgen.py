@@ -356,6 +356,8 @@ def probe(host: str, port: int, ca: str, cert: str | None, key: str | None) -> N
             result["echoed"] = data == b"mtls-probe"
             if not result["echoed"]:
                 result["error"] = f"no echo (got {data!r})"
+            else:
+                tls.unwrap()  # close_notify both ways: a clean end, not a truncation
     except (OSError, ssl.SSLError) as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
     emit(result)

@@ -36,9 +36,10 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
-def tree(roots: Iterable[int]) -> list[int]:
+def tree(roots: Iterable[int], children: dict[int, list[int]] | None = None) -> list[int]:
     """The given PIDs and all their live descendants."""
-    children = _children_map()
+    if children is None:
+        children = _children_map()
     seen: list[int] = []
     todo = list(roots)
     while todo:
@@ -50,16 +51,37 @@ def tree(roots: Iterable[int]) -> list[int]:
     return seen
 
 
-def cpu_seconds(roots: Iterable[int]) -> float:
-    """utime + stime of every process in the trees (all threads), plus reaped children."""
+def _ticks(pids: Iterable[int]) -> int:
     ticks = 0
-    for pid in tree(roots):
+    for pid in pids:
         fields = _stat_fields(pid)
         if fields is None:
             continue
         # After "(comm)": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
         ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return ticks / _TICK
+    return ticks
+
+
+def cpu_seconds(roots: Iterable[int]) -> float:
+    """utime + stime of every process in the trees (all threads), plus reaped children."""
+    return _ticks(tree(roots)) / _TICK
+
+
+def foreign_cpu_seconds() -> float:
+    """CPU of every user-space process that is not this one or its descendants.
+
+    Why: the machine may be shared (someone running the test suite meanwhile).
+    What those processes take during a test is CPU the proxies did not get, so
+    the harness reports it next to the figures. Kernel threads (children of
+    kthreadd, PID 2) are left out: ksoftirqd's networking work is ours.
+    """
+    children = _children_map()
+    ours = set(tree([os.getpid()], children)) | set(tree([2], children))
+    return _ticks(pid for pid in _all_pids(children) if pid not in ours) / _TICK
+
+
+def _all_pids(children: dict[int, list[int]]) -> set[int]:
+    return {pid for kids in children.values() for pid in kids}
 
 
 def rss_kib(roots: Iterable[int]) -> int:

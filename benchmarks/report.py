@@ -96,14 +96,18 @@ def table(proxies: list[str], med: dict[str, dict[str, float]]) -> str:
 
 
 def loadgen_table(proxies: list[str], lg: dict[str, dict[str, dict[str, float]]]) -> str:
-    """Client / server CPU % of one core, per test and set-up (medians)."""
-    rows = [["load generator CPU", *proxies]]
+    """Client / app server / foreign CPU, % of one core, per test and set-up (medians)."""
+    rows = [["CPU % of one core: client / server / other", *proxies]]
     for test, label in LOADGEN_TESTS:
         cells = []
         for p in proxies:
             r = lg.get(p, {}).get(test)
-            cells.append(f"{r['client_cpu_pct']:.0f}% / {r['server_cpu_pct']:.0f}%" if r else "-")
-        rows.append([f"{label} (client / server)", *cells])
+            cells.append(
+                f"{r['client_cpu_pct']:.0f} / {r['server_cpu_pct']:.0f} / {r['other_cpu_pct']:.0f}"
+                if r
+                else "-"
+            )
+        rows.append([label, *cells])
     return _render(rows)
 
 

@@ -63,12 +63,38 @@ def _client(*args: object) -> list[str]:
     return [sys.executable, str(LOADGEN), *map(str, args)]
 
 
-def _measured(ctx: Context, argv: list[str], timeout: float) -> tuple[Result, float, float]:
-    """Run a client in pod A; return its JSON, proxy CPU s and server CPU s meanwhile."""
+@dataclass(frozen=True)
+class Measured:
+    """A client's JSON and the CPU seconds others spent while it ran."""
+
+    out: Result
+    proxy_cpu: float
+    server_cpu: float
+    #: processes outside the benchmark (a shared machine): CPU the test did not get
+    other_cpu: float
+    #: seconds from starting the client to its exit (its own figure excludes start-up)
+    wall: float
+
+    def loadgen(self) -> Result:
+        """Client and app server CPU over the client's timed part, foreign CPU over the
+        whole run of the client; all in % of one core."""
+        seconds = self.out["seconds"]
+        return {
+            "client_cpu_pct": 100 * self.out["cpu_seconds"] / seconds,
+            "server_cpu_pct": 100 * self.server_cpu / seconds,
+            "other_cpu_pct": 100 * self.other_cpu / self.wall,
+        }
+
+
+def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
+    """Run a client in pod A, with the CPU of the proxies, the server and strangers meanwhile."""
     topo = ctx.proxy.lab.topology
     pids = ctx.proxy.pids()
     proxy0, server0 = procstat.cpu_seconds(pids), procstat.cpu_seconds([ctx.server_pid])
+    other0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     done = topo.run("a", argv, timeout=timeout)
+    wall = time.monotonic() - t0
+    other = procstat.foreign_cpu_seconds() - other0
     proxy_cpu = procstat.cpu_seconds(pids) - proxy0
     server_cpu = procstat.cpu_seconds([ctx.server_pid]) - server0
     if done.returncode != 0:
@@ -76,14 +102,8 @@ def _measured(ctx: Context, argv: list[str], timeout: float) -> tuple[Result, fl
             f"{ctx.proxy.name}: {' '.join(argv[2:])} exited {done.returncode}: "
             f"{done.stderr.strip()[-2000:]}"
         )
-    return json.loads(done.stdout.strip().splitlines()[-1]), proxy_cpu, server_cpu
-
-
-def _loadgen_cpu(client_cpu: float, server_cpu: float, seconds: float) -> Result:
-    return {
-        "client_cpu_pct": 100 * client_cpu / seconds,
-        "server_cpu_pct": 100 * server_cpu / seconds,
-    }
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return Measured(out, proxy_cpu, server_cpu, other, wall)
 
 
 def bulk(ctx: Context) -> Result:
@@ -91,16 +111,16 @@ def bulk(ctx: Context) -> Result:
     argv = _client("bulk", host, port, ctx.settings.bulk_mib)
     stop_profile = ctx.around_bulk(ctx.proxy.pids()) if ctx.around_bulk else None
     try:
-        out, proxy_cpu, server_cpu = _measured(ctx, argv, timeout=900)
+        m = _measured(ctx, argv, timeout=900)
     finally:
         if stop_profile:
             stop_profile()
-    moved = 2 * out["bytes_each_way"]
-    result: Result = {"bulk_mbps": moved / out["seconds"] / 1e6}
+    moved = 2 * m.out["bytes_each_way"]
+    result: Result = {"bulk_mbps": moved / m.out["seconds"] / 1e6}
     if ctx.proxy.tls:
-        result["bulk_cpu_s_per_gib"] = proxy_cpu / (moved / 2**30)
-        result["bulk_proxy_cpu_pct"] = 100 * proxy_cpu / out["seconds"]
-    result["loadgen"] = _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"])
+        result["bulk_cpu_s_per_gib"] = m.proxy_cpu / (moved / 2**30)
+        result["bulk_proxy_cpu_pct"] = 100 * m.proxy_cpu / m.out["seconds"]
+    result["loadgen"] = m.loadgen()
     return result
 
 
@@ -108,7 +128,8 @@ def connrate(ctx: Context, concurrency: int) -> Result:
     key = "conn_seq" if concurrency == 1 else f"conn_c{concurrency}"
     host, port = ctx.proxy.target("conn")
     argv = _client("connrate", host, port, ctx.settings.conn_seconds, concurrency)
-    out, proxy_cpu, server_cpu = _measured(ctx, argv, timeout=ctx.settings.conn_seconds + 120)
+    m = _measured(ctx, argv, timeout=ctx.settings.conn_seconds + 120)
+    out = m.out
     if out["connections"] == 0:
         raise LoadgenError(f"{ctx.proxy.name}: no connection succeeded: {out['first_errors']}")
     result: Result = {
@@ -118,8 +139,8 @@ def connrate(ctx: Context, concurrency: int) -> Result:
         f"{key}_errors": out["errors"],
     }
     if ctx.proxy.tls:
-        result[f"{key}_cpu_ms_per_conn"] = 1000 * proxy_cpu / out["connections"]
-    result["loadgen"] = _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"])
+        result[f"{key}_cpu_ms_per_conn"] = 1000 * m.proxy_cpu / out["connections"]
+    result["loadgen"] = m.loadgen()
     if out["errors"]:
         result["first_errors"] = out["first_errors"]
     return result
@@ -128,12 +149,12 @@ def connrate(ctx: Context, concurrency: int) -> Result:
 def request_response(ctx: Context) -> Result:
     host, port = ctx.proxy.target("rr")
     argv = _client("rr", host, port, ctx.settings.rr_count, RR_SIZE)
-    out, _, server_cpu = _measured(ctx, argv, timeout=300)
+    m = _measured(ctx, argv, timeout=300)
     return {
-        "rr_p50_us": out["p50_us"],
-        "rr_p99_us": out["p99_us"],
-        "rr_p999_us": out["p999_us"],
-        "loadgen": _loadgen_cpu(out["cpu_seconds"], server_cpu, out["seconds"]),
+        "rr_p50_us": m.out["p50_us"],
+        "rr_p99_us": m.out["p99_us"],
+        "rr_p999_us": m.out["p999_us"],
+        "loadgen": m.loadgen(),
     }
 
 

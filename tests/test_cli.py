@@ -190,9 +190,7 @@ def test_demo_refuses_politely_without_root():
     out = subprocess.run(
         [
             "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
+            "--bounding-set=-net_admin,-sys_admin",
             sys.executable,
             "-m",
             "trio_tproxy",

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .lifecycle import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 from .podlab import PodLab, spiffe_id
 
 HTTP_PORT = 8080
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def missing_prerequisites() -> list[str]:
     problems = []
-    if os.geteuid() != 0:
+    if not (has_capability(CAP_SYS_ADMIN) and has_capability(CAP_NET_ADMIN)):
         problems.append(
             "the demo needs root: it creates network namespaces and nftables rules "
             "(run it with sudo)"

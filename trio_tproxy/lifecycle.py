@@ -22,16 +22,17 @@ from .proxy import Sidecar, fmt_addr
 
 log = logging.getLogger("trio_tproxy")
 
-_CAP_NET_ADMIN = 12
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 
 
-def has_cap_net_admin() -> bool:
-    """Read the effective capability set of this process (no libcap needed)."""
+def has_capability(bit: int) -> bool:
+    """Whether the effective capability set has ``bit`` (read from /proc, no libcap)."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+                    return bool(int(line.split()[1], 16) >> bit & 1)
     except OSError:
         pass
     return os.geteuid() == 0
@@ -47,7 +48,7 @@ def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
             raise ConfigError(
                 "the nft tool is not installed (Debian/Ubuntu: apt-get install nftables)"
             )
-        if not has_cap_net_admin():
+        if not has_capability(CAP_NET_ADMIN):
             raise ConfigError(
                 "CAP_NET_ADMIN is missing: run as root or give the container the NET_ADMIN "
                 "capability (or pass --no-rules if an init container installs them)"
