@@ -87,7 +87,7 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
         server.start()
         if profile:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(child.pid), "--format",
-                                    "raw", "--output", str(profile), "--nonblocking"],
+                                    "raw", "--output", str(profile), "--native", "--rate", "200"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1)
         payload = os.urandom(CHUNK)

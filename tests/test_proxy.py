@@ -211,7 +211,7 @@ def test_client_without_certificate_is_refused(pki, caplog):
             await sock.connect(("127.0.0.1", b.config.interception.tls_port))
             from trio_tproxy.tlsstream import TLSStream
 
-            tls = TLSStream(sock, tlspolicy.new_connection(ctx, sock, server=False))
+            tls = TLSStream(sock, tlspolicy.new_connection(ctx, None, server=False))
             await tls.do_handshake()  # TLS 1.3: the client learns of the refusal on read
             with pytest.raises(trio.BrokenResourceError):
                 with trio.fail_after(5):

@@ -299,3 +299,33 @@ def test_tls_stream_rejects_concurrent_receivers(pki):
         await server.aclose()
 
     trio.run(main)
+
+
+def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
+    """The paths used if pyOpenSSL's private cffi handles ever disappear."""
+    from trio_tproxy import tlsstream
+
+    monkeypatch.setattr(tlsstream, "drain", tlsstream._drain_public)
+    monkeypatch.setattr(tlsstream, "take", tlsstream._take_public)
+    a, b = pki
+    payload = os.urandom(1 << 20)
+
+    async def main():
+        client, server = await tls_pair(a.client, b.server)
+
+        async def send():
+            await client.send_all(payload)
+            await client.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            assert digest(await read_to_eof(server)) == digest(payload)
+        await server.send_all(b"x")
+        server.socket.shutdown(socket.SHUT_WR)  # a cut, no close_notify: still truncation
+        assert await client.receive_some() == b"x"
+        with pytest.raises(TruncatedError):
+            await client.receive_some()
+        await client.aclose()
+        await server.aclose()
+
+    trio.run(main)

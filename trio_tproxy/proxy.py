@@ -205,7 +205,7 @@ class Sidecar:
         legs: list[trio.abc.Stream] = [app]
         try:
             sock = await self.dial(dst)
-            tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, sock, server=False))
+            tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, None, server=False))
             legs.append(tls)
             peer = await self._handshake(
                 tls, lambda: tlspolicy.verify_server(tls.conn, self.config.identity, dst[0])
@@ -227,7 +227,7 @@ class Sidecar:
         src = _peer(raw.socket)
         dst = kernel.original_destination(raw.socket)
         tls = TLSStream(
-            raw.socket, tlspolicy.new_connection(self.server_context, raw.socket, server=True)
+            raw.socket, tlspolicy.new_connection(self.server_context, None, server=True)
         )
         legs: list[trio.abc.Stream] = [tls]
         try:

@@ -207,10 +207,8 @@ def _context(creds: Credentials, *, server: bool) -> SSL.Context:
         options |= SSL.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_options(options)
     # Frees the read/write buffers of idle connections (~34 KiB each); a sidecar
-    # holds many idle keep-alive connections. pyOpenSSL has no public name for it.
-    release = getattr(getattr(SSL, "_lib", None), "SSL_MODE_RELEASE_BUFFERS", None)
-    if isinstance(release, int):
-        ctx.set_mode(release)
+    # holds many idle keep-alive connections.
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
 
     ctx.use_certificate(creds.cert)
     for extra in creds.chain:
@@ -243,7 +241,11 @@ def client_context(creds: Credentials, policy: IdentityPolicy) -> SSL.Context:
 
 
 def new_connection(ctx: SSL.Context, sock: Any, *, server: bool) -> SSL.Connection:
-    """Wrap ``sock`` (anything with ``fileno()``) for one handshake in the given role."""
+    """A connection for one handshake in the given role.
+
+    ``sock`` is a socket OpenSSL does its own I/O on, or None for memory BIOs
+    (what :class:`~trio_tproxy.tlsstream.TLSStream` needs).
+    """
     conn = SSL.Connection(ctx, sock)
     conn.set_app_data(HandshakeNotes())
     if server:
