@@ -58,6 +58,8 @@ class SocketLike(Protocol):
 
     def getsockname(self) -> Any: ...
 
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
+
 
 # --------------------------------------------------------------------------- sockets
 
@@ -80,6 +82,24 @@ def set_mark(sock: SocketLike, mark: int) -> None:
 def set_abort_on_close(sock: SocketLike) -> None:
     """SO_LINGER {on, 0}: closing the socket sends RST instead of FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+#: ``tcpi_state`` of a socket whose connection was reset (or never opened).
+TCP_CLOSE = 7
+
+
+def was_reset(sock: SocketLike) -> bool:
+    """Whether a TCP socket that just read EOF was in fact reset.
+
+    A reset is reported once: if a send on the socket collects the error, a
+    concurrent recv then returns 0 as if the peer had sent FIN.  The state
+    tells them apart: FIN leaves CLOSE_WAIT (or TIME_WAIT), RST leaves CLOSE.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except OSError:
+        return False
+    return bool(info) and info[0] == TCP_CLOSE
 
 
 def original_destination(sock: SocketLike) -> tuple[str, int]:

@@ -62,6 +62,15 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
+def _reset_behind_eof(stream: trio.abc.Stream) -> bool:
+    """A plain TCP leg's EOF that really was a reset (see kernel.was_reset).
+
+    TLS legs need no check: without close_notify an EOF is a truncation anyway.
+    """
+    sock = getattr(stream, "socket", None)
+    return not isinstance(stream, TLSStream) and sock is not None and kernel.was_reset(sock)
+
+
 async def abort(stream: trio.abc.Stream) -> None:
     """Close ``stream`` so that its peer sees a reset."""
     if isinstance(stream, TLSStream):
@@ -90,6 +99,8 @@ async def relay(
     result = RelayResult()
     failed: list[tuple[str, BaseException]] = []
     directions_done = 0
+    #: Legs we have sent EOF on.
+    shut: list[trio.abc.HalfCloseableStream] = []
     graceful = False
 
     async def pump(
@@ -103,6 +114,11 @@ async def relay(
             while True:
                 data = await src.receive_some(CHUNK)
                 if not data:
+                    # Only meaningful while we have not shut src's write side:
+                    # after our FIN, the peer's FIN also leaves the socket CLOSE.
+                    if src not in shut and _reset_behind_eof(src):
+                        raise ConnectionReset("connection reset by peer (seen as EOF)")
+                    shut.append(dst)
                     await dst.send_eof()
                     break
                 await dst.send_all(data)
