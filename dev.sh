@@ -28,11 +28,12 @@ system_packages() {
 }
 
 python_env() {
+  local extras=${1:-test,dev}
   if [[ ! -x .venv/bin/python ]]; then
     echo "==> creating .venv"
     python3 -m venv .venv
   fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
 }
 
 case "${1:-}" in
@@ -45,7 +46,7 @@ case "${1:-}" in
     exec .venv/bin/tox run -e lint,types,unit,fuzz,netns
     ;;
   bench)
-    need_root bench; system_packages stunnel4 haproxy; python_env
+    need_root bench; system_packages stunnel4 haproxy; python_env test,dev,bench
     shift; exec .venv/bin/python -m benchmarks "$@"
     ;;
   *)

@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,7 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
         "repetitions": reps,
         "sidecar_notes": notes,
         "medians": {name: report.medians(r) for name, r in reps.items()},
+        "counts": {name: report.counts(r) for name, r in reps.items()},
         "loadgen_cpu": {name: report.loadgen_medians(r) for name, r in reps.items()},
         "definitions": DEFINITIONS,
         "topology": {
@@ -250,30 +252,51 @@ def wait_for_quiet(limit: float) -> None:
 
 
 def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
-    """All tests of one set-up, idle first (so earlier tests' heap does not hide growth)."""
-    out: dict[str, Any] = {"loadgen": {}}
+    """All tests of one set-up, idle first (so earlier tests' heap does not hide growth).
 
-    def take(test: str, result: dict[str, Any]) -> dict[str, Any]:
+    A test that fails (a proxy that cut a connection short, say) is recorded
+    under ``failures`` and reported; the other tests still run, and the medians
+    use the repetitions that succeeded.
+    """
+    out: dict[str, Any] = {"loadgen": {}, "failures": {}}
+    tests: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("idle", lambda: scenarios.idle(ctx)),
+        ("rr", lambda: scenarios.request_response(ctx)),
+        ("conn_seq", lambda: scenarios.connrate(ctx, 1)),
+        ("conn_c8", lambda: scenarios.connrate(ctx, scenarios.CONCURRENCY)),
+        ("bulk", lambda: scenarios.bulk(ctx)),
+    ]
+    for test, run_test in tests:
+        try:
+            result = run_test()
+        except scenarios.LoadgenError as exc:
+            out["failures"][test] = str(exc)
+            _say(f"  {tag}: {test} FAILED: {exc}")
+            continue
         if "loadgen" in result:
             out["loadgen"][test] = result.pop("loadgen")
         out.update(result)
-        return result
-
-    r = take("idle", scenarios.idle(ctx))
-    idle = f"{r['idle_kib_per_conn']:.1f} KiB/conn" if "idle_kib_per_conn" in r else "-"
-    r = take("rr", scenarios.request_response(ctx))
-    rr = f"p50 {r['rr_p50_us']:.0f} us p99 {r['rr_p99_us']:.0f} us"
-    seq = take("conn_seq", scenarios.connrate(ctx, 1))["conn_seq_per_s"]
-    c8 = take("conn_c8", scenarios.connrate(ctx, scenarios.CONCURRENCY))["conn_c8_per_s"]
-    r = take("bulk", scenarios.bulk(ctx))
-    lg = out["loadgen"]["bulk"]
-    _say(
-        f"  {tag}: idle {idle}; ping-pong {rr}; conn {seq:.0f}/s seq, {c8:.0f}/s c8; "
-        f"bulk {r['bulk_mbps']:.0f} MB/s (client {lg['client_cpu_pct']:.0f}% / "
-        f"server {lg['server_cpu_pct']:.0f}% of a core"
-        + (f", proxies {r['bulk_proxy_cpu_pct']:.0f}%)" if "bulk_proxy_cpu_pct" in r else ")")
-    )
+    _say(f"  {tag}: {_summary(out)}")
     return out
+
+
+def _summary(r: dict[str, Any]) -> str:
+    """One progress line from whatever figures one repetition produced."""
+    parts = []
+    if "idle_kib_per_conn" in r:
+        parts.append(f"idle {r['idle_kib_per_conn']:.1f} KiB/conn")
+    if "rr_p50_us" in r:
+        parts.append(f"ping-pong p50 {r['rr_p50_us']:.0f} us p99 {r['rr_p99_us']:.0f} us")
+    if "conn_seq_per_s" in r and "conn_c8_per_s" in r:
+        parts.append(f"conn {r['conn_seq_per_s']:.0f}/s seq, {r['conn_c8_per_s']:.0f}/s c8")
+    if "bulk_mbps" in r:
+        lg = r["loadgen"]["bulk"]
+        proxies = f", proxies {r['bulk_proxy_cpu_pct']:.0f}%" if "bulk_proxy_cpu_pct" in r else ""
+        parts.append(
+            f"bulk {r['bulk_mbps']:.0f} MB/s (client {lg['client_cpu_pct']:.0f}% / "
+            f"server {lg['server_cpu_pct']:.0f}% of a core{proxies})"
+        )
+    return "; ".join(parts) or "no figures"
 
 
 DEFINITIONS = {
@@ -315,6 +338,9 @@ def warnings_of(document: dict[str, Any], wall: float) -> list[str]:
                     f"{name} {test}: other processes on the machine used "
                     f"{cpu['other_cpu_pct']:.0f}% of a core meanwhile: figures disturbed"
                 )
+        for rep, figures in enumerate(document["repetitions"][name], start=1):
+            for test, failure in figures.get("failures", {}).items():
+                found.append(f"{name} rep {rep}: {test} failed: {failure}")
         med = document["medians"][name]
         for key in ("conn_seq_errors", "conn_c8_errors"):
             if med.get(key):
@@ -337,10 +363,11 @@ def finish(document: dict[str, Any], args: argparse.Namespace, stamp: str, wall:
     crypto = document["openssl_speed"]
     _say("")
     _say(
-        f"Medians of {args.repeat} repetition(s); (x) = ratio to haproxy. Bulk MB/s counts "
-        "both directions (10^6 B); proxy CPU and RSS are A+B."
+        f"Medians of {args.repeat} repetition(s) ([n] = of n only, the others failed); "
+        "(x) = ratio to haproxy. Bulk MB/s counts both directions (10^6 B); proxy CPU and "
+        "RSS are A+B."
     )
-    _say(report.table(proxies, document["medians"]))
+    _say(report.table(proxies, document["medians"], document["counts"], args.repeat))
     _say("")
     _say(report.loadgen_table(proxies, document["loadgen_cpu"]))
     bulk_proxy = [

@@ -45,6 +45,7 @@ from typing import Any
 BULK_CHUNK = 1 << 20  # bytes per sendall / recv_into in the bulk test
 HEADER = struct.Struct("!Q")
 CONN_SIZE = 100  # bytes each way per short connection
+RR_WARMUP = 100  # untimed round trips before the ping-pong measurement
 ACCEPT_WORKERS = 32  # connection-rate server threads blocked in accept()
 TIMEOUT = 60.0  # seconds: a stuck proxy fails the run instead of hanging it
 
@@ -224,7 +225,10 @@ def bulk(host: str, port: int, mib: int) -> None:
         sender.join()
     seconds = time.perf_counter() - t0
     if received != total:
-        raise SystemExit(f"bulk: received {received} of {total} bytes")
+        raise SystemExit(
+            f"bulk: received {received} of {total} bytes ({total - received} short) "
+            f"before EOF, after {seconds:.1f} s"
+        )
     emit(
         {
             "bytes_each_way": total,
@@ -240,7 +244,7 @@ def rr(host: str, port: int, count: int, size: int) -> None:
     view = memoryview(buf)
     samples: list[float] = []
     with connect(host, port) as sock:
-        for _ in range(min(100, count)):  # warm-up: handshake, caches, TCP windows
+        for _ in range(min(RR_WARMUP, count)):  # warm-up: handshake, caches, TCP windows
             sock.sendall(message)
             recv_exactly(sock, view)
         cpu0, t0 = cpu_seconds(), time.perf_counter()

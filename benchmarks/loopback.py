@@ -52,7 +52,7 @@ def relays(in_port: int, out_port: int, ready: Path) -> None:
 
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(in_port, host="127.0.0.1")
-        ready.write_text("ready")
+        ready.write_text("ready")  # noqa: ASYNC240 - once, before serving
         await trio.serve_listeners(handle, listeners)
 
     trio.run(main)
@@ -65,8 +65,17 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
     in_port = probe.getsockname()[1]
     probe.close()
     ready = Path(tempfile.mktemp(prefix="tpt-bench-ready-"))
-    child = subprocess.Popen([sys.executable, "-m", "benchmarks.loopback", "--child",
-                              str(in_port), str(out_port), str(ready)])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.loopback",
+            "--child",
+            str(in_port),
+            str(out_port),
+            str(ready),
+        ]
+    )
     spy = None
     try:
         while not ready.exists():
@@ -86,9 +95,23 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
         server = threading.Thread(target=serve)
         server.start()
         if profile:
-            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(child.pid), "--format",
-                                    "raw", "--output", str(profile), "--native", "--rate", "200"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(child.pid),
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(profile),
+                    "--native",
+                    "--rate",
+                    "200",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(1)
         payload = os.urandom(CHUNK)
         cpu0, t0 = cpu_seconds(child.pid), time.perf_counter()
@@ -100,8 +123,12 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
         elapsed, cpu = time.perf_counter() - t0, cpu_seconds(child.pid) - cpu0
         server.join()
         assert received[0] == mib * CHUNK, received[0]
-        return {"mib": mib, "seconds": elapsed, "MB_per_s": mib * CHUNK / elapsed / 1e6,
-                "relay_cpu_s_per_GiB": cpu / (mib / 1024)}
+        return {
+            "mib": mib,
+            "seconds": elapsed,
+            "MB_per_s": mib * CHUNK / elapsed / 1e6,
+            "relay_cpu_s_per_GiB": cpu / (mib / 1024),
+        }
     finally:
         if spy is not None:
             spy.send_signal(2)

@@ -42,7 +42,8 @@ class Proxy:
     name: ClassVar[str] = "plaintext"
     tls: ClassVar[bool] = False
     lab: PodLab
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: The proxy process of each pod ("a", "b"), once started.
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: What stop() learnt (e.g. the sidecars' connection counters), for the JSON.
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -50,7 +51,7 @@ class Proxy:
         """Start the proxies and return once they accept connections."""
 
     def stop(self) -> None:
-        for proc in self.processes:
+        for proc in self.processes.values():
             self.lab.topology.stop(proc)
         self.processes.clear()
 
@@ -62,9 +63,9 @@ class Proxy:
         """B's TLS port for the echo service, for the mTLS check (None: no TLS)."""
         return None
 
-    def pids(self) -> list[int]:
-        """The proxy processes of both pods, whose CPU and memory we count."""
-        return [p.pid for p in self.processes]
+    def pids(self) -> dict[str, int]:
+        """The proxy process of each pod, whose CPU and memory (with its children) we count."""
+        return {pod: p.pid for pod, p in self.processes.items()}
 
     def configuration(self) -> dict[str, str]:
         """The exact configuration, for the JSON file."""
@@ -86,7 +87,7 @@ class TrioTproxy(Proxy):
             self.log_offsets[pod] = log.stat().st_size if log.exists() else 0
             # -v 0: no line per connection (later flags override PodLab's -v 1).
             sidecar = self.lab.start_sidecar(pod, "-v", "0")
-            self.processes.append(sidecar.process)
+            self.processes[pod] = sidecar.process
 
     def stop(self) -> None:
         for pod in ("a", "b"):
@@ -145,7 +146,7 @@ class _Pair(Proxy):
                 proc = self.lab.topology.popen(
                     pod, self.argv(path), stdout=log, stderr=subprocess.STDOUT
                 )
-            self.processes.append(proc)
+            self.processes[pod] = proc
             for i in range(len(SERVICES)):
                 self.lab.topology.wait_port(pod, ip, port + i, timeout=10, proc=proc)
 

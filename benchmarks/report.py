@@ -41,6 +41,7 @@ METRICS = (
     Metric("rr_p50_us", "64 B ping-pong p50", "us", False, 0),
     Metric("rr_p99_us", "64 B ping-pong p99", "us", False, 0),
     Metric("rr_p999_us", "64 B ping-pong p99.9", "us", False, 0),
+    Metric("rr_cpu_us_per_rt", "ping-pong proxy CPU A+B", "us/rt", False, 0),
     Metric("idle_kib_per_conn", "idle RSS A+B per conn", "KiB", False, 1),
 )
 
@@ -63,6 +64,15 @@ def medians(reps: list[dict[str, Any]]) -> dict[str, float]:
     return {key: statistics.median(v) for key, v in values.items()}
 
 
+def counts(reps: list[dict[str, Any]]) -> dict[str, int]:
+    """How many repetitions produced each figure (a failed test produces none)."""
+    found: dict[str, int] = {}
+    for rep in reps:
+        for key in rep:
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
 def loadgen_medians(reps: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Median client and server CPU % (of one core) per test."""
     out: dict[str, dict[str, float]] = {}
@@ -73,16 +83,23 @@ def loadgen_medians(reps: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _cell(value: float | None, reference: float | None, digits: int) -> str:
+def _cell(value: float | None, reference: float | None, digits: int, n: int, of: int) -> str:
     if value is None or math.isnan(value):
         return "-"
     text = f"{value:,.{digits}f}"
+    if n < of:
+        text += f" [{n}]"
     if reference:
         text += f" ({value / reference:.2f}x)"
     return text
 
 
-def table(proxies: list[str], med: dict[str, dict[str, float]]) -> str:
+def table(
+    proxies: list[str],
+    med: dict[str, dict[str, float]],
+    n: dict[str, dict[str, int]],
+    repeat: int,
+) -> str:
     """Rows are metrics, columns are set-ups; each cell is the median and its ratio to haproxy."""
     ref = med.get(REFERENCE, {}) if REFERENCE in proxies else {}
     head = ["metric", "unit", "better", *proxies]
@@ -90,7 +107,16 @@ def table(proxies: list[str], med: dict[str, dict[str, float]]) -> str:
     for m in METRICS:
         if not any(m.key in med.get(p, {}) for p in proxies):
             continue
-        cells = [_cell(med.get(p, {}).get(m.key), ref.get(m.key), m.digits) for p in proxies]
+        cells = [
+            _cell(
+                med.get(p, {}).get(m.key),
+                ref.get(m.key),
+                m.digits,
+                n.get(p, {}).get(m.key, 0),
+                repeat,
+            )
+            for p in proxies
+        ]
         rows.append([m.label, m.unit, "higher" if m.higher_is_better else "lower", *cells])
     return _render(rows, left=3)
 

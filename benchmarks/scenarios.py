@@ -13,7 +13,8 @@ Figures (see the README for the definitions):
   per GiB moved (both directions counted).
 * connection rate: connections per second, latency p50/p99 (connect to the
   100-byte answer), proxy CPU ms per connection; sequential and 8 at a time.
-* request/response: 64-byte ping-pong latency on one connection.
+* request/response: 64-byte ping-pong latency on one connection, and the
+  proxies' CPU per round trip (is the latency CPU, or waiting?).
 * idle: proxy RSS growth per held connection.
 """
 
@@ -34,6 +35,7 @@ from .proxies import Proxy
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 RR_SIZE = 64
+RR_WARMUP = 100  # round trips loadgen.py makes before it starts timing
 CONCURRENCY = 8
 Result = dict[str, Any]
 
@@ -51,8 +53,8 @@ class Context:
     proxy: Proxy
     server_pid: int
     settings: Settings
-    #: Called around the bulk test with the proxy PIDs (the optional profiler).
-    around_bulk: Callable[[list[int]], Callable[[], None]] | None = None
+    #: Called around the bulk test with the proxy PIDs by pod (the optional profiler).
+    around_bulk: Callable[[dict[str, int]], Callable[[], None]] | None = None
 
 
 class LoadgenError(RuntimeError):
@@ -89,10 +91,13 @@ class Measured:
 def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
     """Run a client in pod A, with the CPU of the proxies, the server and strangers meanwhile."""
     topo = ctx.proxy.lab.topology
-    pids = ctx.proxy.pids()
+    pids = list(ctx.proxy.pids().values())
     proxy0, server0 = procstat.cpu_seconds(pids), procstat.cpu_seconds([ctx.server_pid])
     other0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
-    done = topo.run("a", argv, timeout=timeout)
+    try:
+        done = topo.run("a", argv, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LoadgenError(f"{ctx.proxy.name}: {' '.join(argv[2:])} timed out") from None
     wall = time.monotonic() - t0
     other = procstat.foreign_cpu_seconds() - other0
     proxy_cpu = procstat.cpu_seconds(pids) - proxy0
@@ -150,19 +155,24 @@ def request_response(ctx: Context) -> Result:
     host, port = ctx.proxy.target("rr")
     argv = _client("rr", host, port, ctx.settings.rr_count, RR_SIZE)
     m = _measured(ctx, argv, timeout=300)
-    return {
+    result: Result = {
         "rr_p50_us": m.out["p50_us"],
         "rr_p99_us": m.out["p99_us"],
         "rr_p999_us": m.out["p999_us"],
         "loadgen": m.loadgen(),
     }
+    if ctx.proxy.tls:
+        # CPU or waiting? Per round trip, warm-up and handshake included (a few %).
+        round_trips = ctx.settings.rr_count + min(RR_WARMUP, ctx.settings.rr_count)
+        result["rr_cpu_us_per_rt"] = 1e6 * m.proxy_cpu / round_trips
+    return result
 
 
 def idle(ctx: Context) -> Result:
     """RSS of the proxies before and while the client holds ``idle_conns`` connections."""
     count = ctx.settings.idle_conns
     host, port = ctx.proxy.target("idle")
-    pids = ctx.proxy.pids()
+    pids = list(ctx.proxy.pids().values())
     before = procstat.rss_kib(pids)
     proc = ctx.proxy.lab.topology.popen(
         "a",
