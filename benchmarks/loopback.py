@@ -38,13 +38,15 @@ def relays(in_port: int, out_port: int, ready: Path) -> None:
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from helpers import contexts, make_pki, tls_pair
 
+    from trio_tproxy.plainstream import PlainStream
     from trio_tproxy.relay import relay
 
     files = make_pki(Path(tempfile.mkdtemp(prefix="tpt-bench-")))
     a, b = contexts(files["a"]), contexts(files["b"])
 
-    async def handle(app: trio.SocketStream) -> None:
-        upstream = await trio.open_tcp_stream("127.0.0.1", out_port)
+    async def handle(accepted: trio.SocketStream) -> None:
+        app = PlainStream(accepted.socket)
+        upstream = PlainStream((await trio.open_tcp_stream("127.0.0.1", out_port)).socket)
         left, right = await tls_pair(a.client, b.server)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay, app, left)
@@ -58,7 +60,7 @@ def relays(in_port: int, out_port: int, ready: Path) -> None:
     trio.run(main)
 
 
-def run(mib: int, profile: Path | None) -> dict[str, float]:
+def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
     sink = socket.create_server(("127.0.0.1", 0))
     out_port = sink.getsockname()[1]
     probe = socket.create_server(("127.0.0.1", 0))
@@ -86,6 +88,12 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
 
         def serve() -> None:
             conn, _ = sink.accept()
+            if rr:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while data := conn.recv(64):
+                    conn.sendall(data)
+                conn.close()
+                return
             buf = bytearray(CHUNK)
             while n := conn.recv_into(buf):
                 received[0] += n
@@ -113,6 +121,8 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
+        if rr:
+            return _ping_pong(in_port, rr, child.pid, server)
         payload = os.urandom(CHUNK)
         cpu0, t0 = cpu_seconds(child.pid), time.perf_counter()
         with socket.create_connection(("127.0.0.1", in_port)) as client:
@@ -139,6 +149,33 @@ def run(mib: int, profile: Path | None) -> dict[str, float]:
         ready.unlink(missing_ok=True)
 
 
+def _ping_pong(port: int, count: int, pid: int, server: threading.Thread) -> dict[str, float]:
+    """``count`` round trips of 64 B on one connection: latency and relay CPU per trip."""
+    rtts = []
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        msg = b"x" * 64
+        client.sendall(msg)
+        assert client.recv(64) == msg  # warm up: handshake done
+        cpu0 = cpu_seconds(pid)
+        for _ in range(count):
+            t = time.perf_counter()
+            client.sendall(msg)
+            got = b""
+            while len(got) < 64:
+                got += client.recv(64 - len(got))
+            rtts.append(time.perf_counter() - t)
+        cpu = cpu_seconds(pid) - cpu0
+    server.join()
+    rtts.sort()
+    return {
+        "round_trips": count,
+        "p50_us": rtts[len(rtts) // 2] * 1e6,
+        "p99_us": rtts[int(len(rtts) * 0.99)] * 1e6,
+        "relay_cpu_us_per_rt": cpu / count * 1e6,
+    }
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         relays(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
@@ -146,8 +183,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loopback")
     parser.add_argument("--mib", type=int, default=512)
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the relay process")
+    parser.add_argument("--rr", type=int, default=0, help="ping-pong round trips instead of bulk")
     args = parser.parse_args()
-    print(json.dumps(run(args.mib, args.profile)))
+    print(json.dumps(run(args.mib, args.profile, args.rr)))
     return 0
 
 

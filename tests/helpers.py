@@ -73,8 +73,8 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
 async def tls_pair(client_ctx: object, server_ctx: object) -> tuple[TLSStream, TLSStream]:
     """Two TLSStreams over a real TCP connection, handshakes completed."""
     c, s = await tcp_pair()
-    client = TLSStream(c.socket, tlspolicy.new_connection(client_ctx, None, server=False))
-    server = TLSStream(s.socket, tlspolicy.new_connection(server_ctx, None, server=True))
+    client = TLSStream(c.socket, tlspolicy.new_connection(client_ctx, c.socket, server=False))
+    server = TLSStream(s.socket, tlspolicy.new_connection(server_ctx, s.socket, server=True))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
         nursery.start_soon(server.do_handshake)

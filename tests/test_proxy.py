@@ -20,6 +20,7 @@ from helpers import abort_socket_stream, expect_reset, make_pki, read_to_eof, sp
 
 from trio_tproxy import certs, tlspolicy
 from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
+from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.proxy import Sidecar
 
 
@@ -70,7 +71,7 @@ async def pods(
     b = sidecar(b_files, **b_kw)
 
     async def to_app(dst, client):  # noqa: ANN001 - the IngressDialer signature
-        return trio.SocketStream(await b.dial(("127.0.0.1", app_port)))
+        return PlainStream(await b.dial(("127.0.0.1", app_port)))
 
     b.ingress_dialer = to_app
     a = sidecar(
@@ -211,7 +212,7 @@ def test_client_without_certificate_is_refused(pki, caplog):
             await sock.connect(("127.0.0.1", b.config.interception.tls_port))
             from trio_tproxy.tlsstream import TLSStream
 
-            tls = TLSStream(sock, tlspolicy.new_connection(ctx, None, server=False))
+            tls = TLSStream(sock, tlspolicy.new_connection(ctx, sock, server=False))
             await tls.do_handshake()  # TLS 1.3: the client learns of the refusal on read
             with pytest.raises(trio.BrokenResourceError):
                 with trio.fail_after(5):

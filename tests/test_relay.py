@@ -306,7 +306,6 @@ def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
     from trio_tproxy import tlsstream
 
     monkeypatch.setattr(tlsstream, "drain", tlsstream._drain_public)
-    monkeypatch.setattr(tlsstream, "take", tlsstream._take_public)
     a, b = pki
     payload = os.urandom(1 << 20)
 

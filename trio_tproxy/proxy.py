@@ -19,7 +19,7 @@ import errno
 import logging
 import socket as _stdsocket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -28,6 +28,7 @@ from OpenSSL import SSL
 from . import kernel, tlspolicy
 from .config import ProxyConfig
 from .identity import IdentityError
+from .plainstream import PlainStream
 from .relay import RelayResult, abort, relay
 from .tlsstream import TLSStream
 
@@ -37,7 +38,7 @@ conn_log = logging.getLogger("trio_tproxy.conn")
 
 Address = tuple[str, int]
 #: Dials the app for an ingress connection: (original destination, client) -> stream.
-IngressDialer = Callable[[Address, Address], Awaitable[trio.SocketStream]]
+IngressDialer = Callable[[Address, Address], Awaitable[trio.abc.HalfCloseableStream]]
 #: Finds where an egress connection was going.
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
 
@@ -143,13 +144,13 @@ class Sidecar:
             raise
         return sock
 
-    async def dial_app_on_loopback(self, dst: Address, client: Address) -> trio.SocketStream:
+    async def dial_app_on_loopback(self, dst: Address, client: Address) -> PlainStream:
         """Reach the app on the original port at the loopback of the same family."""
         ic = self.config.interception
         if dst[1] in (ic.tcp_port, ic.tls_port):
             # Dialing our own listener would loop the connection back into us.
             raise Refused(f"port {dst[1]} is the proxy's own listener, not an app port")
-        return trio.SocketStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
+        return PlainStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
 
     # -- serving ---------------------------------------------------------------
 
@@ -198,14 +199,15 @@ class Sidecar:
 
     # -- handlers --------------------------------------------------------------
 
-    async def handle_egress(self, app: trio.SocketStream) -> None:
+    async def handle_egress(self, accepted: trio.SocketStream) -> None:
         start = trio.current_time()
+        app = PlainStream(accepted.socket)
         src = _peer(app.socket)
         dst = self.egress_destination(app.socket)
-        legs: list[trio.abc.Stream] = [app]
+        legs: list[trio.abc.HalfCloseableStream] = [app]
         try:
             sock = await self.dial(dst)
-            tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, None, server=False))
+            tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, sock, server=False))
             legs.append(tls)
             peer = await self._handshake(
                 tls, lambda: tlspolicy.verify_server(tls.conn, self.config.identity, dst[0])
@@ -227,9 +229,9 @@ class Sidecar:
         src = _peer(raw.socket)
         dst = kernel.original_destination(raw.socket)
         tls = TLSStream(
-            raw.socket, tlspolicy.new_connection(self.server_context, None, server=True)
+            raw.socket, tlspolicy.new_connection(self.server_context, raw.socket, server=True)
         )
-        legs: list[trio.abc.Stream] = [tls]
+        legs: list[trio.abc.HalfCloseableStream] = [tls]
         try:
             peer = await self._handshake(
                 tls, lambda: tlspolicy.verify_client(tls.conn, self.config.identity)
@@ -308,7 +310,7 @@ class Sidecar:
             )
 
 
-async def _abort_all(legs: list[trio.abc.Stream]) -> None:
+async def _abort_all(legs: Sequence[trio.abc.Stream]) -> None:
     with trio.CancelScope(shield=True):
         for leg in legs:
             await abort(leg)

@@ -209,6 +209,11 @@ def _context(creds: Credentials, *, server: bool) -> SSL.Context:
     # Frees the read/write buffers of idle connections (~34 KiB each); a sidecar
     # holds many idle keep-alive connections.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    # pyOpenSSL turns on partial writes, so SSL_write returns after every 16 KiB
+    # record; without them one call encrypts and sends a whole 256 KiB buffer
+    # (a retry after WANT_WRITE passes the same buffer, as OpenSSL requires).
+    lib: Any = getattr(SSL, "_lib")  # noqa: B009 - private: pyOpenSSL has no clear_mode
+    lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     ctx.use_certificate(creds.cert)
     for extra in creds.chain:
