@@ -36,6 +36,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._sending = False
         self._receiving = False
+        self._drained = False
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
         if exc.errno in RESET_ERRNOS:
@@ -55,6 +56,11 @@ class PlainStream(trio.abc.HalfCloseableStream):
             self._check_open()
             view = _IN[: min(max_bytes or DEFAULT_RECEIVE_SIZE, DEFAULT_RECEIVE_SIZE)]
             waited = False
+            if self._drained:
+                # The last read emptied the socket: a read now would most
+                # likely fail with EAGAIN, so wait first (saves a syscall).
+                await trio.lowlevel.wait_readable(self._fd)
+                waited = True
             while True:
                 try:
                     n = os.readv(self._fd, [view])
@@ -64,6 +70,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     waited = True
                 except OSError as exc:
                     raise self._broken(exc) from exc
+            self._drained = 0 < n < len(view)
             data = bytes(view[:n])
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()

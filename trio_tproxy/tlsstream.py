@@ -168,6 +168,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._write_waiter: trio.Event | None = None
         #: Times this stream yielded to wait (see "Scheduling" above).
         self._waits = 0
+        #: The last receive emptied the socket.
+        self._drained = False
 
     # -- the one retry loop ------------------------------------------------
 
@@ -267,9 +269,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 return b""
             limit = min(max_bytes or DEFAULT_RECEIVE_SIZE, DEFAULT_RECEIVE_SIZE)
             waits = self._waits
+            if self._drained:
+                # The last drain emptied the socket (OpenSSL holds no whole
+                # record): wait before asking, a read now would be EAGAIN.
+                self._drained = False
+                await self._wait(SSL.WantReadError())
             while True:
                 data, stop = drain(self.conn, limit)
                 if data:
+                    self._drained = isinstance(stop, SSL.WantReadError)
                     if isinstance(stop, SSL.ZeroReturnError):
                         self._eof_received = True
                     elif stop is not None and not isinstance(stop, _WANT):
