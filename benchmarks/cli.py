@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"{QUIET_PCT:g}%% of a core (for shared machines; default 0: do not wait)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    p.add_argument(
+        "--no-resumption",
+        action="store_true",
+        help="full TLS handshake for every connection, in all three proxies",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL]
@@ -163,7 +168,8 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
     _say(
         f"benchmarks: {', '.join(args.proxies)}; {args.repeat} repetition(s); bulk "
         f"{s.bulk_mib} MiB each way, connections {s.conn_seconds:g} s per test, "
-        f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections"
+        f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections; TLS session resumption "
+        f"{'off' if args.no_resumption else 'on'}"
     )
     others0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     _say("openssl speed (1 s each, one core) ...")
@@ -186,7 +192,7 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
     notes: dict[str, list[dict[str, str]]] = {name: [] for name in args.proxies}
     for rep in range(args.repeat):
         for name in args.proxies:
-            proxy = ALL[name](lab)
+            proxy = ALL[name](lab, resume=not args.no_resumption)
             configurations.setdefault(name, proxy.configuration())
             hook = None
             if args.profile and name == "trio-tproxy":
@@ -218,6 +224,7 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
         "command": " ".join(["python -m benchmarks", *(sys.argv[1:])]),
         "settings": {**s.__dict__, "repeat": args.repeat, "quick": args.quick},
         "profiled": args.profile,
+        "resumption": not args.no_resumption,
         "proxies": args.proxies,
         "machine": machine.describe(),
         "openssl_speed": crypto,

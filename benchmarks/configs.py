@@ -10,8 +10,11 @@ same work:
   chain against the CA; the client side verifies the server's chain. Neither
   checks SPIFFE IDs (trio-tproxy does, after the handshake).
 * TLS 1.3 only, the same ECDSA P-256 certificates and CA as the sidecars.
-* No session resumption on the client side (trio-tproxy does not resume), so
-  every short connection costs a full handshake in all three.
+* TLS session resumption on, as each does by default towards a peer it
+  talked to before (trio-tproxy keeps one TLS 1.3 session per destination;
+  haproxy reuses its backend session; stunnel ``sessionResume = yes``).
+  ``python -m benchmarks --no-resumption`` turns it off in all three, so that
+  every short connection costs a full handshake.
 * TCP_NODELAY on every socket (trio sets it on the sockets it opens).
 * No per-connection log lines (the sidecars run with ``-v 0``).
 * haproxy: one thread (``nbthread 1``); the sidecar is one single-threaded
@@ -48,7 +51,9 @@ class Credentials:
     pem: Path
 
 
-def stunnel_client(services: list[Service], b_ip: str, creds: Credentials) -> str:
+def stunnel_client(
+    services: list[Service], b_ip: str, creds: Credentials, resume: bool = True
+) -> str:
     lines = _stunnel_globals()
     for s in services:
         lines += [
@@ -57,7 +62,7 @@ def stunnel_client(services: list[Service], b_ip: str, creds: Credentials) -> st
             f"accept = 127.0.0.1:{s.local}",
             f"connect = {b_ip}:{s.remote}",
             *_stunnel_tls(creds),
-            "sessionResume = no",
+            f"sessionResume = {'yes' if resume else 'no'}",
             "",
         ]
     return "\n".join(lines)
@@ -100,14 +105,16 @@ def _stunnel_tls(creds: Credentials) -> list[str]:
     ]
 
 
-def haproxy_client(services: list[Service], b_ip: str, creds: Credentials) -> str:
+def haproxy_client(
+    services: list[Service], b_ip: str, creds: Credentials, resume: bool = True
+) -> str:
     lines = _haproxy_globals()
     for s in services:
         lines += [
             f"listen {s.name}",
             f"    bind 127.0.0.1:{s.local}",
             f"    server b {b_ip}:{s.remote} ssl crt {creds.pem} ca-file {creds.ca} "
-            "verify required ssl-min-ver TLSv1.3 no-ssl-reuse",
+            "verify required ssl-min-ver TLSv1.3" + ("" if resume else " no-ssl-reuse"),
             "",
         ]
     return "\n".join(lines)

@@ -1,13 +1,21 @@
-"""Relay throughput over loopback, no kernel interception, no root.
+"""The sidecars' data path over loopback: no kernel interception, no root.
 
-    python -m benchmarks.loopback [--mib 512] [--profile out.txt]
+    python -m benchmarks.loopback [--mib 512 | --rr 20000 | --conns 2000] [--profile out.txt]
 
-One process runs both relays of the data path (plain->TLS and TLS->plain,
-as sidecar A's egress and sidecar B's ingress do), with real TLS 1.3 between
-them; a second process is the app pair: a client thread sends N MiB and
-half-closes, a server thread reads to EOF, counts and answers "done".
-Reported: MB/s of the one connection, and the relay process's CPU seconds
-per GiB (both relays together, so two TLS endpoints), from /proc.
+One process runs sidecar A (egress) and sidecar B (ingress) — the real
+``Sidecar`` handlers, TLS 1.3 mutual authentication, identity checks and
+relays — with A's "original destination" pinned to B's TLS listener and B's
+app dial pinned to a sink.  A second process is the app pair (blocking
+sockets in threads).  Figures are for both sidecars together, from the
+sidecar process's /proc CPU counters:
+
+* bulk: one connection, N MiB one way, half-close: MB/s and CPU s/GiB;
+* rr: 64 B ping-pong on one connection: p50/p99 µs and CPU µs per round trip;
+* conns: sequential short connections (100 B each way): conn/s, CPU ms/conn.
+
+``--profile`` runs py-spy (native frames) on the sidecar process.  This is
+the quick loop for optimizing; ``python -m benchmarks`` is the comparison
+with haproxy and stunnel through the real interception.
 """
 
 from __future__ import annotations
@@ -31,41 +39,60 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def relays(in_port: int, out_port: int, ready: Path) -> None:
-    """Child: listen on in_port; relay plain -> TLS -> plain -> 127.0.0.1:out_port."""
+def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int) -> None:
+    """Child: sidecar A listens (egress) on in_port; B's ingress dials out_port."""
     import trio
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-    from helpers import contexts, make_pki, tls_pair
+    from helpers import make_pki
 
+    from trio_tproxy import tlspolicy
+    from trio_tproxy.config import Interception, ProxyConfig
     from trio_tproxy.plainstream import PlainStream
-    from trio_tproxy.relay import relay
+    from trio_tproxy.proxy import Sidecar
 
     files = make_pki(Path(tempfile.mkdtemp(prefix="tpt-bench-")))
-    a, b = contexts(files["a"]), contexts(files["b"])
 
-    async def handle(accepted: trio.SocketStream) -> None:
-        app = PlainStream(accepted.socket)
-        upstream = PlainStream((await trio.open_tcp_stream("127.0.0.1", out_port)).socket)
-        left, right = await tls_pair(a.client, b.server)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay, app, left)
-            nursery.start_soon(relay, right, upstream)
+    def make(name: str, tcp: int, tls: int, **kw: object) -> Sidecar:
+        config = ProxyConfig(
+            tls=files[name],
+            interception=Interception(tcp_port=tcp, tls_port=tls),
+            session_cache=session_cache,
+        )
+        creds = tlspolicy.load_credentials(files[name])
+        return Sidecar(config, creds, listen_hosts=("127.0.0.1",), kernel_options=False, **kw)
+
+    b = make("b", _free_port(), _free_port())
+
+    async def to_sink(dst: object, client: object) -> PlainStream:
+        return PlainStream(await b.dial(("127.0.0.1", out_port)))
+
+    b.ingress_dialer = to_sink
+    a = make(
+        "a",
+        in_port,
+        _free_port(),
+        egress_destination=lambda sock: ("127.0.0.1", b.config.interception.tls_port),
+    )
 
     async def main() -> None:
-        listeners = await trio.open_tcp_listeners(in_port, host="127.0.0.1")
-        ready.write_text("ready")  # noqa: ASYNC240 - once, before serving
-        await trio.serve_listeners(handle, listeners)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve)
+            await nursery.start(a.serve)
+            ready.write_text("ready")  # noqa: ASYNC240 - once, before serving
 
     trio.run(main)
 
 
-def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
-    sink = socket.create_server(("127.0.0.1", 0))
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    sink = socket.create_server(("127.0.0.1", 0), backlog=128)
     out_port = sink.getsockname()[1]
-    probe = socket.create_server(("127.0.0.1", 0))
-    in_port = probe.getsockname()[1]
-    probe.close()
+    in_port = _free_port()
     ready = Path(tempfile.mktemp(prefix="tpt-bench-ready-"))
     child = subprocess.Popen(
         [
@@ -76,33 +103,19 @@ def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
             str(in_port),
             str(out_port),
             str(ready),
+            str(args.session_cache),
         ]
     )
     spy = None
     try:
         while not ready.exists():
             if child.poll() is not None:
-                raise RuntimeError("relay process died")
+                raise RuntimeError("sidecar process died")
             time.sleep(0.05)
-        received = [0]
-
-        def serve() -> None:
-            conn, _ = sink.accept()
-            if rr:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                while data := conn.recv(64):
-                    conn.sendall(data)
-                conn.close()
-                return
-            buf = bytearray(CHUNK)
-            while n := conn.recv_into(buf):
-                received[0] += n
-            conn.sendall(b"done")
-            conn.close()
-
-        server = threading.Thread(target=serve)
+        mode = _rr if args.rr else _conns if args.conns else _bulk
+        server = threading.Thread(target=_serve, args=(sink, mode), daemon=True)
         server.start()
-        if profile:
+        if args.profile:
             spy = subprocess.Popen(
                 [
                     str(Path(sys.executable).parent / "py-spy"),
@@ -112,7 +125,7 @@ def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
                     "--format",
                     "raw",
                     "--output",
-                    str(profile),
+                    str(args.profile),
                     "--native",
                     "--rate",
                     "200",
@@ -121,24 +134,7 @@ def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
-        if rr:
-            return _ping_pong(in_port, rr, child.pid, server)
-        payload = os.urandom(CHUNK)
-        cpu0, t0 = cpu_seconds(child.pid), time.perf_counter()
-        with socket.create_connection(("127.0.0.1", in_port)) as client:
-            for _ in range(mib):
-                client.sendall(payload)
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(16) == b"done"
-        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(child.pid) - cpu0
-        server.join()
-        assert received[0] == mib * CHUNK, received[0]
-        return {
-            "mib": mib,
-            "seconds": elapsed,
-            "MB_per_s": mib * CHUNK / elapsed / 1e6,
-            "relay_cpu_s_per_GiB": cpu / (mib / 1024),
-        }
+        return mode(in_port, child.pid, args)
     finally:
         if spy is not None:
             spy.send_signal(2)
@@ -149,16 +145,50 @@ def run(mib: int, profile: Path | None, rr: int = 0) -> dict[str, float]:
         ready.unlink(missing_ok=True)
 
 
-def _ping_pong(port: int, count: int, pid: int, server: threading.Thread) -> dict[str, float]:
-    """``count`` round trips of 64 B on one connection: latency and relay CPU per trip."""
+def _serve(sink: socket.socket, mode: object) -> None:
+    """The app behind sidecar B: a sink for bulk, an echo for rr and conns."""
+    while True:
+        try:
+            conn, _ = sink.accept()
+        except OSError:
+            return
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if mode is _bulk:
+                buf, total = bytearray(CHUNK), 0
+                while n := conn.recv_into(buf):
+                    total += n
+                conn.sendall(str(total).encode())
+            else:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+
+
+def _bulk(port: int, pid: int, args: argparse.Namespace) -> dict[str, float]:
+    payload = os.urandom(CHUNK)
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        for _ in range(args.mib):
+            client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        assert int(client.recv(64)) == args.mib * CHUNK
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return {
+        "mib": args.mib,
+        "MB_per_s": args.mib * CHUNK / elapsed / 1e6,
+        "sidecars_cpu_s_per_GiB": cpu / (args.mib / 1024),
+    }
+
+
+def _rr(port: int, pid: int, args: argparse.Namespace) -> dict[str, float]:
     rtts = []
+    msg = b"x" * 64
     with socket.create_connection(("127.0.0.1", port)) as client:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        msg = b"x" * 64
         client.sendall(msg)
-        assert client.recv(64) == msg  # warm up: handshake done
+        assert client.recv(64) == msg  # handshakes done
         cpu0 = cpu_seconds(pid)
-        for _ in range(count):
+        for _ in range(args.rr):
             t = time.perf_counter()
             client.sendall(msg)
             got = b""
@@ -166,26 +196,50 @@ def _ping_pong(port: int, count: int, pid: int, server: threading.Thread) -> dic
                 got += client.recv(64 - len(got))
             rtts.append(time.perf_counter() - t)
         cpu = cpu_seconds(pid) - cpu0
-    server.join()
     rtts.sort()
     return {
-        "round_trips": count,
+        "round_trips": args.rr,
         "p50_us": rtts[len(rtts) // 2] * 1e6,
         "p99_us": rtts[int(len(rtts) * 0.99)] * 1e6,
-        "relay_cpu_us_per_rt": cpu / count * 1e6,
+        "sidecars_cpu_us_per_rt": cpu / args.rr * 1e6,
+    }
+
+
+def _conns(port: int, pid: int, args: argparse.Namespace) -> dict[str, float]:
+    msg = b"y" * 100
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    for _ in range(args.conns):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(msg)
+            client.shutdown(socket.SHUT_WR)
+            got = b""
+            while data := client.recv(256):
+                got += data
+            assert got == msg
+    elapsed, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
+    return {
+        "connections": args.conns,
+        "conn_per_s": args.conns / elapsed,
+        "sidecars_cpu_ms_per_conn": cpu / args.conns * 1e3,
     }
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        relays(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+        sidecars(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loopback")
-    parser.add_argument("--mib", type=int, default=512)
-    parser.add_argument("--profile", type=Path, help="py-spy raw profile of the relay process")
-    parser.add_argument("--rr", type=int, default=0, help="ping-pong round trips instead of bulk")
-    args = parser.parse_args()
-    print(json.dumps(run(args.mib, args.profile, args.rr)))
+    parser.add_argument("--mib", type=int, default=512, help="bulk: MiB one way (default)")
+    parser.add_argument("--rr", type=int, default=0, help="ping-pong round trips instead")
+    parser.add_argument("--conns", type=int, default=0, help="short connections instead")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of the sidecars")
+    parser.add_argument(
+        "--session-cache",
+        type=int,
+        default=4096,
+        help="sidecar A's TLS session cache (0: full handshakes)",
+    )
+    print(json.dumps(run(parser.parse_args())))
     return 0
 
 

@@ -46,6 +46,8 @@ class Proxy:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     #: What stop() learnt (e.g. the sidecars' connection counters), for the JSON.
     notes: dict[str, str] = field(default_factory=dict)
+    #: TLS session resumption towards the peer (each proxy's own mechanism).
+    resume: bool = True
 
     def start(self) -> None:
         """Start the proxies and return once they accept connections."""
@@ -86,7 +88,8 @@ class TrioTproxy(Proxy):
             log = self.lab.workdir / f"sidecar-{pod}.log"
             self.log_offsets[pod] = log.stat().st_size if log.exists() else 0
             # -v 0: no line per connection (later flags override PodLab's -v 1).
-            sidecar = self.lab.start_sidecar(pod, "-v", "0")
+            flags = ["-v", "0"] + ([] if self.resume else ["--session-cache", "0"])
+            sidecar = self.lab.start_sidecar(pod, *flags)
             self.processes[pod] = sidecar.process
 
     def stop(self) -> None:
@@ -105,7 +108,8 @@ class TrioTproxy(Proxy):
         return self.lab.host("b").ip4, app_port("rr")
 
     def configuration(self) -> dict[str, str]:
-        return {"flags": "trio-tproxy run (PodLab.start_sidecar) -v 0"}
+        extra = "" if self.resume else " --session-cache 0"
+        return {"flags": f"trio-tproxy run (PodLab.start_sidecar) -v 0{extra}"}
 
 
 class _Pair(Proxy):
@@ -163,8 +167,10 @@ class Stunnel(_Pair):
     ports = _STUNNEL_PORTS
 
     def render(self, pod: str) -> str:
-        make = configs.stunnel_client if pod == "a" else configs.stunnel_server
-        return make(self.services(), self.lab.host("b").ip4, self.credentials(pod))
+        b_ip = self.lab.host("b").ip4
+        if pod == "a":
+            return configs.stunnel_client(self.services(), b_ip, self.credentials(pod), self.resume)
+        return configs.stunnel_server(self.services(), b_ip, self.credentials(pod))
 
     def argv(self, config: Path) -> list[str]:
         return ["stunnel4", str(config)]
@@ -176,8 +182,10 @@ class Haproxy(_Pair):
     ports = _HAPROXY_PORTS
 
     def render(self, pod: str) -> str:
-        make = configs.haproxy_client if pod == "a" else configs.haproxy_server
-        return make(self.services(), self.lab.host("b").ip4, self.credentials(pod))
+        b_ip = self.lab.host("b").ip4
+        if pod == "a":
+            return configs.haproxy_client(self.services(), b_ip, self.credentials(pod), self.resume)
+        return configs.haproxy_server(self.services(), b_ip, self.credentials(pod))
 
     def argv(self, config: Path) -> list[str]:
         return ["haproxy", "-db", "-f", str(config)]

@@ -296,3 +296,37 @@ def test_tls_pair_helper_verifies_identities(pki):
         await server.aclose()
 
     trio.run(main)
+
+
+def test_second_connection_resumes_the_tls_session(pki, caplog):
+    """TLS 1.3 resumption between sidecars; the identity is checked every time."""
+    caplog.set_level(logging.INFO)
+
+    async def main():
+        async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
+            for done in range(1, 4):
+                client = await connect(a.config.interception.tcp_port)
+                await client.send_all(b"again")
+                await client.send_eof()
+                assert await read_to_eof(client) == b"again"
+                await client.aclose()
+                with trio.fail_after(5):
+                    while sum(a.stats.connections.values()) < done:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+            assert len(a.sessions) == 1
+
+    trio.run(main)
+    egress = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "trio_tproxy.conn" and r.getMessage().startswith("egress")
+    ]
+    ingress = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "trio_tproxy.conn" and r.getMessage().startswith("ingress")
+    ]
+    assert "handshake=full" in egress[0]
+    assert all("handshake=resumed" in line for line in egress[1:]), egress
+    assert all(f"peer={spiffe('b')}" in line for line in egress)
+    assert all(f"peer={spiffe('a')}" in line for line in ingress)

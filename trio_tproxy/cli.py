@@ -199,6 +199,13 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="do not install nftables rules and routes (an init container did)",
     )
     o.add_argument("--route-check-interval", type=_typed(_seconds), default=5.0)
+    o.add_argument(
+        "--session-cache",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="TLS sessions kept to resume connections to peers (0: off)",
+    )
 
 
 def config_from(args: argparse.Namespace) -> ProxyConfig:
@@ -224,6 +231,7 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
         verbosity=args.v,
         manage_rules=not args.no_rules,
         route_check_interval=args.route_check_interval,
+        session_cache=args.session_cache,
     )
 
 

@@ -194,3 +194,5 @@ class ProxyConfig:
     manage_rules: bool = True
     #: Seconds between route checks (the IPv6 local route vanishes when lo flaps).
     route_check_interval: float = 5.0
+    #: TLS sessions kept for resumption towards peers (0: always full handshakes).
+    session_cache: int = 4096

@@ -116,6 +116,7 @@ class Sidecar:
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
         self.stats = Stats()
+        self.sessions = tlspolicy.SessionCache(config.session_cache)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
 
@@ -209,10 +210,13 @@ class Sidecar:
             sock = await self.dial(dst)
             tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, sock, server=False))
             legs.append(tls)
+            self.sessions.offer(tls.conn, dst)
             peer = await self._handshake(
                 tls, lambda: tlspolicy.verify_server(tls.conn, self.config.identity, dst[0])
             )
             result = await relay(app, tls, half_close_timeout=self.config.timeouts.half_close)
+            if result.outcome == "ok":
+                self.sessions.keep(tls.conn, dst)  # the ticket came with the data
             self._finished(
                 "egress", src, dst, peer, tls, result.a_to_b, result.b_to_a, result, start
             )
@@ -296,7 +300,8 @@ class Sidecar:
         self.stats.bytes[f"{direction}_received"] += received
         if conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
-                "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s%s",
+                "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s "
+                "handshake=%s%s",
                 direction,
                 fmt_addr(src),
                 fmt_addr(dst),
@@ -306,6 +311,7 @@ class Sidecar:
                 received,
                 trio.current_time() - start,
                 result.outcome,
+                "resumed" if tlspolicy.session_reused(tls.conn) else "full",
                 f" ({result.detail})" if result.detail else "",
             )
 

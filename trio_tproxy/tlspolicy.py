@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -301,6 +302,47 @@ def verify_client(conn: SSL.Connection, policy: IdentityPolicy) -> PeerIdentity:
         return PeerIdentity(spiffe_id, spiffe_id)
     # ip mode: a client has no address to match; its chain was verified.
     return PeerIdentity(None, identity.describe(cert))
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session (pyOpenSSL has no public name)."""
+    lib: Any = getattr(SSL, "_lib")  # noqa: B009
+    return bool(lib.SSL_session_reused(conn._ssl))
+
+
+class SessionCache:
+    """TLS sessions to resume, one per original destination, most recent first.
+
+    Resumption skips the certificate signature and chain verification of a
+    full handshake (the larger part of its CPU).  The session still carries
+    the peer's certificate, whose identity is checked again on every
+    connection; the server bounds a session's life (OpenSSL: 300 s).
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
+
+    def offer(self, conn: SSL.Connection, dst: tuple[str, int]) -> None:
+        """Before the handshake: propose the last session with ``dst``, if any."""
+        session = self._sessions.get(dst)
+        if session is not None:
+            conn.set_session(session)
+
+    def keep(self, conn: SSL.Connection, dst: tuple[str, int]) -> None:
+        """After a connection to ``dst`` went well: remember its newest session."""
+        if self.size <= 0:
+            return
+        session = conn.get_session()
+        if session is None:
+            return
+        self._sessions[dst] = session
+        self._sessions.move_to_end(dst)
+        while len(self._sessions) > self.size:
+            self._sessions.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
 
 def tls_info(conn: SSL.Connection) -> str:
