@@ -88,7 +88,9 @@ class TrioTproxy(Proxy):
             log = self.lab.workdir / f"sidecar-{pod}.log"
             self.log_offsets[pod] = log.stat().st_size if log.exists() else 0
             # -v 0: no line per connection (later flags override PodLab's -v 1).
-            flags = ["-v", "0"] + ([] if self.resume else ["--session-cache", "0"])
+            # -v 0 and the default route-check interval (PodLab's 0.5 s is for tests)
+            flags = ["-v", "0", "--route-check-interval", "5"]
+            flags += [] if self.resume else ["--session-cache", "0"]
             sidecar = self.lab.start_sidecar(pod, *flags)
             self.processes[pod] = sidecar.process
 
@@ -109,7 +111,9 @@ class TrioTproxy(Proxy):
 
     def configuration(self) -> dict[str, str]:
         extra = "" if self.resume else " --session-cache 0"
-        return {"flags": f"trio-tproxy run (PodLab.start_sidecar) -v 0{extra}"}
+        return {
+            "flags": f"trio-tproxy run (PodLab.start_sidecar) -v 0 --route-check-interval 5{extra}"
+        }
 
 
 class _Pair(Proxy):
