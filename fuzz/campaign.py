@@ -43,6 +43,28 @@ def _kernel_transport():  # type: ignore[no-untyped-def]
     return pods.transport, pods
 
 
+def _round(round_seed: int, transport, counter: list[int]):  # type: ignore[no-untyped-def]
+    """One hypothesis run of 50 scripts; a failing script is saved for --replay."""
+
+    @seed(round_seed)
+    @settings(
+        max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(script=scripts)
+    def prop(script):  # type: ignore[no-untyped-def]
+        counter[0] += 1
+        try:
+            trio.run(run_script, script, transport)
+        except BaseException:
+            FAILURES.mkdir(exist_ok=True)
+            path = FAILURES / f"seed{round_seed}-{os.getpid()}.json"
+            path.write_text(json.dumps(script))
+            print(f"failing script saved to {path} (replay with --replay)", flush=True)
+            raise
+
+    return prop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz.campaign")
     parser.add_argument("--minutes", type=float, default=5.0)
@@ -68,39 +90,18 @@ def main(argv: list[str] | None = None) -> int:
             print("replay passed")
             return 0
         deadline = time.monotonic() + args.minutes * 60
-        count = 0
+        counter = [0]
         rounds = 0
         # Rounds of 50 examples, each seeded from the campaign seed, until time is up.
         while time.monotonic() < deadline:
             round_seed = the_seed + rounds
             rounds += 1
-
-            @seed(round_seed)
-            @settings(
-                max_examples=50,
-                deadline=None,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(script=scripts)
-            def prop(script, round_seed=round_seed):  # type: ignore[no-untyped-def]
-                nonlocal count
-                count += 1
-                try:
-                    trio.run(run_script, script, transport)
-                except BaseException:
-                    FAILURES.mkdir(exist_ok=True)
-                    path = FAILURES / f"seed{round_seed}-{os.getpid()}.json"
-                    path.write_text(json.dumps(script))
-                    print(f"failing script saved to {path} (replay with --replay)", flush=True)
-                    raise
-
             try:
-                prop()
+                _round(round_seed, transport, counter)()
             except Exception as exc:
-                print(f"FAILED after {count} scripts (round seed {round_seed}): {exc!r}")
+                print(f"FAILED after {counter[0]} scripts (round seed {round_seed}): {exc!r}")
                 return 1
-        print(f"passed: {count} scripts in {args.minutes:g} min (seed {the_seed})")
+        print(f"passed: {counter[0]} scripts in {args.minutes:g} min (seed {the_seed})")
         return 0
     finally:
         if owner is not None:

@@ -51,3 +51,20 @@ def test_relay_chain_keeps_half_close_and_reset(pki, script):
     before = open_fds()
     trio.run(main)
     assert open_fds() <= before, "file descriptors leaked"
+
+
+def test_long_campaign_entry_point_runs_and_reports():
+    """`python -m fuzz.campaign` (the long-campaign tool) runs, prints its seed and a count."""
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fuzz.campaign", "--minutes", "0.05", "--seed", "7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "seed 7" in out.stdout
+    assert re.search(r"passed: [1-9]\d* scripts", out.stdout), out.stdout
