@@ -27,7 +27,7 @@ from OpenSSL import SSL
 
 from . import kernel, tlspolicy
 from .config import ProxyConfig
-from .identity import IdentityError
+from .identity import IdentityError, describe
 from .plainstream import PlainStream
 from .relay import RelayResult, abort, relay
 from .tlsstream import TLSStream
@@ -331,8 +331,6 @@ def _peer(sock: trio.socket.SocketType) -> Address:
 
 
 def _presented(tls: TLSStream) -> str:
-    from .identity import describe
-
     try:
         cert = tls.conn.get_peer_certificate(as_cryptography=True)
     except SSL.Error:

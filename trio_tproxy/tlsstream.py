@@ -396,12 +396,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._state = _State.CLOSED
         self.socket.close()
 
-    # -- what the logs show ----------------------------------------------------
-
-    @property
-    def eof_received(self) -> bool:
-        return self._eof_received
-
 
 def _openssl_reason(exc: BaseException) -> str:
     """The reason strings OpenSSL put in an ``SSL.Error``, joined, lowercase."""
