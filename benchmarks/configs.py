@@ -9,7 +9,9 @@ same work:
 * mutual TLS: the server side requires a client certificate and verifies its
   chain against the CA; the client side verifies the server's chain. Neither
   checks SPIFFE IDs (trio-tproxy does, after the handshake).
-* TLS 1.3 only, the same ECDSA P-256 certificates and CA as the sidecars.
+* TLS 1.3 only, the same ECDSA P-256 certificates and CA as the sidecars, and
+  the same key exchange (X25519: the sidecars run with ``--tls-groups
+  X25519:P-256``, since Debian's OpenSSL 3.0 has no ML-KEM hybrid).
 * TLS session resumption on, as each does by default towards a peer it
   talked to before (trio-tproxy keeps one TLS 1.3 session per destination;
   haproxy reuses its backend session; stunnel ``sessionResume = yes``).

@@ -207,3 +207,22 @@ def test_demo_refuses_politely_without_root():
         "trio-tproxy demo: the demo needs root: it creates network namespaces and nftables "
         "rules (run it with sudo)"
     ]
+
+
+def test_unknown_tls_groups_exit_2_with_one_line(pki):
+    files = pki["a"]
+    out = run_cli(
+        "run",
+        "--cert",
+        str(files.cert),
+        "--key",
+        str(files.key),
+        "--ca-cert",
+        str(files.ca_cert),
+        "--no-rules",
+        "--tls-groups",
+        "NOPE:P-999",
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid --tls-groups 'NOPE:P-999'" in lines[0], out.stderr

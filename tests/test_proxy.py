@@ -39,10 +39,12 @@ def sidecar(
     *,
     timeouts: Timeouts | None = None,
     identity: IdentityPolicy | None = None,
+    tls_groups: str | None = None,
     **kw,
 ) -> Sidecar:
     tcp, tls = free_ports(2)
     config = ProxyConfig(
+        tls_groups=tls_groups,
         tls=files,
         identity=identity or IdentityPolicy(),
         interception=Interception(tcp_port=tcp, tls_port=tls),
@@ -330,3 +332,20 @@ def test_second_connection_resumes_the_tls_session(pki, caplog):
     assert all("handshake=resumed" in line for line in egress[1:]), egress
     assert all(f"peer={spiffe('b')}" in line for line in egress)
     assert all(f"peer={spiffe('a')}" in line for line in ingress)
+
+
+def test_classic_key_exchange_groups_interoperate(pki):
+    """--tls-groups X25519:P-256 on one side still meets the default on the other."""
+
+    async def main():
+        async with (
+            echo_app() as app_port,
+            pods(pki["a"], pki["b"], app_port, tls_groups="X25519:P-256") as (a, b),
+        ):
+            client = await connect(a.config.interception.tcp_port)
+            await client.send_all(b"classic")
+            await client.send_eof()
+            assert await read_to_eof(client) == b"classic"
+            await client.aclose()
+
+    trio.run(main)

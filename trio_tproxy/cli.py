@@ -170,6 +170,12 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         "ip: server cert has an IP SAN equal to the original destination",
     )
     g.add_argument(
+        "--tls-groups",
+        metavar="GROUPS",
+        help="key-exchange groups, e.g. X25519:P-256 (default: OpenSSL's, which puts the "
+        "post-quantum hybrid X25519MLKEM768 first)",
+    )
+    g.add_argument(
         "--allow-id",
         action="append",
         default=[],
@@ -232,6 +238,7 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
         manage_rules=not args.no_rules,
         route_check_interval=args.route_check_interval,
         session_cache=args.session_cache,
+        tls_groups=args.tls_groups,
     )
 
 

@@ -196,3 +196,5 @@ class ProxyConfig:
     route_check_interval: float = 5.0
     #: TLS sessions kept for resumption towards peers (0: always full handshakes).
     session_cache: int = 4096
+    #: Key-exchange groups for OpenSSL (None: its default, with the ML-KEM hybrid).
+    tls_groups: str | None = None

@@ -43,6 +43,7 @@ def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
 
     Raises ConfigError with one line naming what is missing."""
     credentials = tlspolicy.load_credentials(config.tls)
+    tlspolicy.client_context(credentials, config.identity, groups=config.tls_groups)  # validates
     if config.manage_rules:
         if shutil.which("nft") is None:
             raise ConfigError(

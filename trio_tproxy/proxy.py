@@ -111,8 +111,9 @@ class Sidecar:
         self.config = config
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
-        self.server_context = tlspolicy.server_context(credentials, config.identity)
-        self.client_context = tlspolicy.client_context(credentials, config.identity)
+        groups = config.tls_groups
+        self.server_context = tlspolicy.server_context(credentials, config.identity, groups=groups)
+        self.client_context = tlspolicy.client_context(credentials, config.identity, groups=groups)
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
         self.stats = Stats()

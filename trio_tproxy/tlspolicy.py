@@ -199,8 +199,19 @@ def _verify_text(code: int) -> str:
         return f"X509 error {code}"
 
 
-def _context(creds: Credentials, *, server: bool) -> SSL.Context:
+#: pyOpenSSL's cffi binding, for the few calls it has no public name for
+#: (clear_mode, set1_groups, session_reused).
+_LIB: Any = getattr(SSL, "_lib")  # noqa: B009
+
+
+def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
+    if groups is not None:
+        # Key-exchange groups, e.g. "X25519:P-256" to leave out the ML-KEM
+        # hybrid of OpenSSL's default (less CPU and memory per handshake,
+        # no protection against harvest-now-decrypt-later).
+        if _LIB.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
+            raise ConfigError(f"invalid --tls-groups {groups!r}: OpenSSL rejected it")
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(TLS12_CIPHERS)
     options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
@@ -213,8 +224,7 @@ def _context(creds: Credentials, *, server: bool) -> SSL.Context:
     # pyOpenSSL turns on partial writes, so SSL_write returns after every 16 KiB
     # record; without them one call encrypts and sends a whole 256 KiB buffer
     # (a retry after WANT_WRITE passes the same buffer, as OpenSSL requires).
-    lib: Any = getattr(SSL, "_lib")  # noqa: B009 - private: pyOpenSSL has no clear_mode
-    lib.SSL_CTX_clear_mode(ctx._context, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    _LIB.SSL_CTX_clear_mode(ctx._context, _LIB.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     ctx.use_certificate(creds.cert)
     for extra in creds.chain:
@@ -234,16 +244,20 @@ def _context(creds: Credentials, *, server: bool) -> SSL.Context:
     return ctx
 
 
-def server_context(creds: Credentials, policy: IdentityPolicy) -> SSL.Context:
+def server_context(
+    creds: Credentials, policy: IdentityPolicy, *, groups: str | None = None
+) -> SSL.Context:
     """The ingress context: client certificate required, chained to our CA bundle."""
     del policy  # names are checked after the handshake (verify_client)
-    return _context(creds, server=True)
+    return _context(creds, server=True, groups=groups)
 
 
-def client_context(creds: Credentials, policy: IdentityPolicy) -> SSL.Context:
+def client_context(
+    creds: Credentials, policy: IdentityPolicy, *, groups: str | None = None
+) -> SSL.Context:
     """The egress context: server certificate chained to our CA bundle."""
     del policy  # names are checked after the handshake (verify_server)
-    return _context(creds, server=False)
+    return _context(creds, server=False, groups=groups)
 
 
 def new_connection(ctx: SSL.Context, sock: Any, *, server: bool) -> SSL.Connection:
@@ -306,8 +320,7 @@ def verify_client(conn: SSL.Connection, policy: IdentityPolicy) -> PeerIdentity:
 
 def session_reused(conn: SSL.Connection) -> bool:
     """Whether the handshake resumed a session (pyOpenSSL has no public name)."""
-    lib: Any = getattr(SSL, "_lib")  # noqa: B009
-    return bool(lib.SSL_session_reused(conn._ssl))
+    return bool(_LIB.SSL_session_reused(conn._ssl))
 
 
 class SessionCache:
