@@ -17,7 +17,6 @@ import argparse
 import os
 import resource
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from trio_tproxy.podlab import PodLab
+from trio_tproxy.topology import sigterm_unwinds
 
 from . import chart, checks, machine, procstat, pyspy, report, scenarios, speed
 from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port
@@ -131,15 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"benchmarks: {problem}", file=sys.stderr)
         return 2
-    main_pid = os.getpid()
-
-    def _interrupt(signum: int, frame: object) -> None:
-        # pyroute2's forked helpers inherit this handler: only we unwind into the teardown.
-        if os.getpid() != main_pid:
-            os._exit(0)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_unwinds()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process
     stamp = time.strftime("%Y%m%d-%H%M%S")

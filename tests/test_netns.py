@@ -369,25 +369,9 @@ def test_h_rules_subcommand_show_apply_delete(lab):
 
 
 def test_h_run_without_capabilities_fails_with_one_line(lab):
-    files = lab.files["a"]
+    without_net_admin = ["setpriv", "--bounding-set=-net_admin,-sys_admin"]
     out = subprocess.run(
-        [
-            "setpriv",
-            "--bounding-set=-net_admin,-sys_admin",
-            sys.executable,
-            "-m",
-            "trio_tproxy",
-            "run",
-            "--cert",
-            str(files.cert),
-            "--key",
-            str(files.key),
-            "--ca-cert",
-            str(files.ca_cert),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+        [*without_net_admin, *lab.sidecar_command("a")], capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

@@ -24,6 +24,7 @@ from typing import Any
 
 from .lifecycle import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 from .podlab import PodLab, spiffe_id
+from .topology import sigterm_unwinds
 
 HTTP_PORT = 8080
 RAW_PORT = 7000
@@ -68,17 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"trio-tproxy demo: {problems[0]}", file=sys.stderr)
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-demo-"))
-    # SIGTERM ends the demo like Ctrl-C, so the teardown always runs.
-    main_pid = os.getpid()
-
-    def _interrupt(signum: int, frame: object) -> None:
-        # pyroute2 forks helpers that inherit this handler and get SIGTERM when
-        # done: only the demo process itself may unwind into the teardown.
-        if os.getpid() != main_pid:
-            os._exit(0)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
     started = time.monotonic()
     try:
         with PodLab(workdir) as lab:

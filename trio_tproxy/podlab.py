@@ -99,28 +99,35 @@ class PodLab:
 
     # -- sidecars ------------------------------------------------------------------
 
+    def sidecar_command(self, identity: str) -> list[str]:
+        """``trio-tproxy run`` with ``identity``'s certificate, key and our CA."""
+        files = self.files[identity]
+        return [
+            sys.executable,
+            "-m",
+            "trio_tproxy",
+            "run",
+            "--cert",
+            str(files.cert),
+            "--key",
+            str(files.key),
+            "--ca-cert",
+            str(files.ca_cert),
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ]
+
     def start_sidecar(
         self, pod: str, *flags: str, identity: str | None = None, wait: float = 20.0
     ) -> Sidecar:
         """Run ``trio-tproxy run`` in ``pod``'s namespace; return once it logged "ready"."""
-        files = self.files[identity or pod]
         log_path = self.workdir / f"sidecar-{pod}.log"
         with open(log_path, "ab") as log:
             process = self.topology.popen(
                 pod,
+                # -v 1 to prove interception in the logs; a fast route check for tests
                 [
-                    sys.executable,
-                    "-m",
-                    "trio_tproxy",
-                    "run",
-                    "--cert",
-                    str(files.cert),
-                    "--key",
-                    str(files.key),
-                    "--ca-cert",
-                    str(files.ca_cert),
-                    "--trust-domain",
-                    TRUST_DOMAIN,
+                    *self.sidecar_command(identity or pod),
                     "-v",
                     "1",
                     "--route-check-interval",

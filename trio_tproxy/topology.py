@@ -138,6 +138,23 @@ class Host:
     ip6_plain: str
 
 
+def sigterm_unwinds() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in this process, so that a ``with
+    Topology()`` block tears everything down as on Ctrl-C.
+
+    pyroute2 forks helpers that inherit the handler and get SIGTERM when done:
+    in them it just exits, or they would run our teardown too.
+    """
+    main_pid = os.getpid()
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            os._exit(0)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def leftovers(prefix: str) -> list[str]:
     """Namespaces still present that belong to ``prefix``: named ``prefix`` or ``prefix-*``."""
     return sorted(n for n in netns.listnetns() if n == prefix or n.startswith(prefix + "-"))
