@@ -328,3 +328,36 @@ def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
         await server.aclose()
 
     trio.run(main)
+
+
+def test_was_reset_tells_a_consumed_reset_from_a_fin():
+    """A reset is reported once: after a send collects it, recv says EOF.
+    TCP_INFO still tells the two apart (the relay relies on it)."""
+    import time
+
+    from trio_tproxy import kernel
+
+    def pair():
+        listener = socket.create_server(("127.0.0.1", 0))
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+        listener.close()
+        return ours, theirs
+
+    ours, theirs = pair()
+    kernel.set_abort_on_close(theirs)
+    theirs.close()  # RST
+    time.sleep(0.1)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):
+        ours.send(b"x")  # collects the error...
+    assert ours.recv(10) == b""  # ...so this looks like a clean EOF
+    assert kernel.was_reset(ours)
+    ours.close()
+
+    ours, theirs = pair()
+    theirs.shutdown(socket.SHUT_WR)  # a real FIN
+    time.sleep(0.1)
+    assert ours.recv(10) == b""
+    assert not kernel.was_reset(ours)
+    ours.close()
+    theirs.close()
