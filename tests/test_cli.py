@@ -16,6 +16,11 @@ from trio_tproxy import certs, nft
 from trio_tproxy.cli import build_parser, config_from, interception_from
 
 
+def tls_flags(cert, key, ca) -> list[str]:
+    """``--cert/--key/--ca-cert`` for ``trio-tproxy run``."""
+    return ["--cert", str(cert), "--key", str(key), "--ca-cert", str(ca)]
+
+
 def run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "trio_tproxy", *argv], capture_output=True, text=True, timeout=60
@@ -153,7 +158,7 @@ def test_bad_files_name_the_file_and_the_problem(pki, tmp_path):
         ((a.cert, a.key, garbage), "garbage.pem"),
     ]
     for (cert, key, ca), fragment in cases:
-        out = run_cli("run", "--cert", str(cert), "--key", str(key), "--ca-cert", str(ca))
+        out = run_cli("run", *tls_flags(cert, key, ca))
         assert out.returncode == 2, (fragment, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (fragment, out.stderr)
@@ -213,12 +218,7 @@ def test_unknown_tls_groups_exit_2_with_one_line(pki):
     files = pki["a"]
     out = run_cli(
         "run",
-        "--cert",
-        str(files.cert),
-        "--key",
-        str(files.key),
-        "--ca-cert",
-        str(files.ca_cert),
+        *tls_flags(files.cert, files.key, files.ca_cert),
         "--no-rules",
         "--tls-groups",
         "NOPE:P-999",
