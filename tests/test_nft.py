@@ -10,13 +10,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from conftest import next_prefix
 
 from trio_tproxy.config import Interception
 from trio_tproxy.nft import (
@@ -65,7 +65,6 @@ CONFIGS: dict[str, Interception] = {
 
 def require_root_and_nft() -> None:
     """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
-    ci = os.environ.get("CI") == "true"
     problems = []
     if shutil.which("nft") is None:
         problems.append("nft is not installed (apt-get install nftables)")
@@ -74,14 +73,19 @@ def require_root_and_nft() -> None:
     if os.geteuid() != 0:
         problems.append("not root: network namespaces and nft need CAP_SYS_ADMIN/CAP_NET_ADMIN")
     if problems:
-        message = "; ".join(problems)
-        if ci:
-            pytest.fail(f"CI=true but the nft tests cannot run: {message}")
-        pytest.skip(message)
+        unavailable("; ".join(problems))
+
+
+def unavailable(message: str) -> None:
+    """Skip: this machine cannot run the test. Under CI=true, fail instead, saying why."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the nft tests cannot run: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def _new_netns() -> str:
-    name = f"tpt-{secrets.token_hex(4)}"
+    # Under the session prefix: the session's final check sees any leak.
+    name = next_prefix()
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     return name
 
@@ -448,7 +452,7 @@ def test_apply_replaces_table_left_by_crashed_run(netns: str) -> None:
 def test_real_permission_error_is_classified(netns: str, who: str) -> None:
     """Without CAP_NET_ADMIN, both ``ip netns exec`` and nft itself fail as PERMISSION."""
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+        unavailable("setpriv (util-linux) is not installed")
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
     def unprivileged(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
@@ -467,7 +471,7 @@ def test_real_permission_error_is_classified(netns: str, who: str) -> None:
 @pytest.mark.netns
 def test_missing_netns_is_a_failure_not_an_absent_table() -> None:
     require_root_and_nft()
-    name = f"tpt-{secrets.token_hex(4)}"
+    name = next_prefix()  # never created
     with pytest.raises(NftError) as info:
         Nft(netns=name).list_table(Interception())
     assert info.value.kind is NftErrorKind.FAILED

@@ -159,10 +159,9 @@ class Installer:
     def repair(self) -> list[str]:
         """Re-load the table if absent or different, re-add missing routes; say what."""
         restored = []
-        table = self._table_problems()
-        if table:
+        if self._table_problems():
             self._load()
-            restored += table
+            restored.append(f"nft table inet {self.ic.table}")
         restored += self.routes.repair()
         return restored
 
