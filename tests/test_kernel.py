@@ -905,3 +905,23 @@ def test_no_rules_waits_for_the_init_containers_rules_and_leaves_them(
     assert run.wait() == 0
     assert init.verify() == []  # not ours: left in place
     init.remove()
+
+
+@pytest.mark.netns
+def test_port_in_use_is_a_usage_error_and_installs_nothing(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    """An OSError at start-up (here EADDRINUSE) exits 2 with one line, like every user error."""
+    busy: socket.socket = pyroute2_netns.create_socket(
+        netns, socket.AF_INET, socket.SOCK_STREAM, flags=0
+    )
+    with busy:
+        busy.bind(("127.0.0.1", 15001))
+        busy.listen(1)
+        run = sidecar("--tcp-port", "15001")
+        assert run.wait() == 2
+    lines = run.text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trio-tproxy run: error: "), lines
+    assert "Address already in use" in lines[0]
+    assert not list(run.marks.glob("apply.*"))
+    assert nothing_installed(netns) == NOTHING_LEFT
