@@ -303,3 +303,96 @@ def test_rules_apply_without_cap_net_admin_exits_2_with_one_line():
         assert tables.stdout == ""
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def test_bad_files_name_the_file_and_the_problem(pki, tmp_path):
+    a, b = pki["a"], pki["b"]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    ca_cert, ca_key = certs.make_ca()
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    expired, expired_key = certs.issue(
+        ca_cert,
+        ca_key,
+        spiffe_ids=["spiffe://cluster.local/x"],
+        not_before=old,
+        not_after=old + dt.timedelta(days=1),
+    )
+    certs.write_cert(tmp_path / "expired.crt", expired)
+    certs.write_key(tmp_path / "expired.key", expired_key)
+    cases = [
+        ((tmp_path / "absent.crt", a.key, a.ca_cert), "absent.crt"),
+        ((garbage, a.key, a.ca_cert), "garbage.pem"),
+        ((a.cert, b.key, a.ca_cert), "does not match"),
+        ((tmp_path / "expired.crt", tmp_path / "expired.key", a.ca_cert), "expired"),
+        ((a.cert, a.key, garbage), "garbage.pem"),
+    ]
+    for (cert, key, ca), fragment in cases:
+        out = run_cli("run", *tls_flags(cert, key, ca))
+        assert out.returncode == 2, (fragment, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], (fragment, out.stderr)
+
+
+def test_certs_subcommand_makes_a_working_pki(tmp_path):
+    assert run_cli("certs", "ca", "--out", str(tmp_path)).returncode == 0
+    out = run_cli(
+        "certs",
+        "issue",
+        "--ca-dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+        "--name",
+        "web",
+        "--spiffe-id",
+        "spiffe://cluster.local/ns/prod/sa/web",
+        "--ip",
+        "10.1.2.3",
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "web.key").stat().st_mode & 0o777 == 0o600
+    from trio_tproxy import tlspolicy
+    from trio_tproxy.config import TLSFiles
+
+    creds = tlspolicy.load_credentials(
+        TLSFiles(tmp_path / "web.crt", tmp_path / "web.key", tmp_path / "ca.crt")
+    )
+    assert creds.spiffe_id == "spiffe://cluster.local/ns/prod/sa/web"
+
+
+def test_demo_refuses_politely_without_root():
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-net_admin,-sys_admin",
+            sys.executable,
+            "-m",
+            "trio_tproxy",
+            "demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0 and "setpriv" in out.stderr and os.environ.get("CI") != "true":
+        pytest.skip("cannot drop privileges here (not root)")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "trio-tproxy demo: the demo needs root: it creates network namespaces and nftables "
+        "rules (run it with sudo)"
+    ]
+
+
+def test_unknown_tls_groups_exit_2_with_one_line(pki):
+    files = pki["a"]
+    out = run_cli(
+        "run",
+        *tls_flags(files.cert, files.key, files.ca_cert),
+        "--no-rules",
+        "--tls-groups",
+        "NOPE:P-999",
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid --tls-groups 'NOPE:P-999'" in lines[0], out.stderr
