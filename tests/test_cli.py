@@ -361,6 +361,7 @@ def test_certs_subcommand_makes_a_working_pki(tmp_path):
     assert creds.spiffe_id == "spiffe://cluster.local/ns/prod/sa/web"
 
 
+@pytest.mark.netns  # setpriv --bounding-set needs root (CAP_SETPCAP)
 def test_demo_refuses_politely_without_root():
     out = subprocess.run(
         [
