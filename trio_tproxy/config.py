@@ -1,8 +1,12 @@
 """Configuration: frozen dataclasses, built once from the command line.
 
 Nothing here touches the kernel or the network; every value is validated when
-the dataclass is built, so the rest of the program never re-checks a flag.
-Parsing errors are :class:`ConfigError` and carry one human-readable line.
+the dataclass is built (``__post_init__``), so the rest of the program never
+re-checks a flag. The defaults are written here and nowhere else: the CLI
+passes only the flags the user gave and reads ``--help`` defaults from the
+fields. The ``parse_*`` helpers only turn text into a value; ranges are the
+dataclasses' job. Errors are :class:`ConfigError` and carry one
+human-readable line, naming the flag.
 """
 
 from __future__ import annotations

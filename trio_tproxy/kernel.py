@@ -15,7 +15,10 @@ default`` routes that loop marked egress back through ``lo``. Idempotence is by
 errno and by comparing netlink attributes, never by matching messages. The
 IPv6 local route disappears when ``lo`` goes down and up and never comes back
 (egress would then silently bypass the proxy), so :meth:`PolicyRoutes.repair`
-is meant to be called periodically.
+is meant to be called periodically. :meth:`PolicyRoutes.remove` tries every
+object even after a failure and reports them all in one :class:`RouteError`.
+Callers do not use PolicyRoutes alone: :class:`interception.Installer` installs
+and removes it together with the nft table, as one unit.
 
 Netlink calls block: from trio, run them with ``trio.to_thread.run_sync``.
 """
