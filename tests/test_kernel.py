@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -777,7 +777,7 @@ def sidecar(netns: str, tmp_path: Path) -> Iterator[Callable[..., SidecarRun]]:
     runs: list[SidecarRun] = []
     ip("-n", netns, "link", "set", "lo", "up")
 
-    def start(*flags: str, slow: str = "", fail: str = "") -> SidecarRun:
+    def start(*flags: str, slow: str = "", fail: str = "", wrap: Sequence[str] = ()) -> SidecarRun:
         marks = tmp_path / f"marks{len(runs)}"
         marks.mkdir()
         log = tmp_path / f"sidecar{len(runs)}.log"
@@ -788,7 +788,8 @@ def sidecar(netns: str, tmp_path: Path) -> Iterator[Callable[..., SidecarRun]]:
             f"NFT_FAIL={fail}",
             "NFT_DELAY=1.5",
         ]
-        argv = ["ip", "netns", "exec", netns, "env", *env, sys.executable, "-m", "trio_tproxy"]
+        argv = ["ip", "netns", "exec", netns, "env", *env, *wrap, sys.executable]
+        argv += ["-m", "trio_tproxy"]
         argv += ["run", "--cert", str(pki.cert), "--key", str(pki.key)]
         argv += ["--ca-cert", str(pki.ca_cert), *flags]
         with open(log, "wb") as out:
@@ -925,3 +926,23 @@ def test_port_in_use_is_a_usage_error_and_installs_nothing(
     assert "Address already in use" in lines[0]
     assert not list(run.marks.glob("apply.*"))
     assert nothing_installed(netns) == NOTHING_LEFT
+
+
+@pytest.mark.netns
+def test_no_rules_without_cap_net_admin_checks_the_routes(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    """Reading the nft table needs CAP_NET_ADMIN: without it, the routes are what is checked."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is not installed")
+    init = Installer(Interception(), netns)
+    init.apply()
+    try:
+        # CAP_NET_RAW stays: IP_TRANSPARENT and SO_MARK accept it instead of CAP_NET_ADMIN.
+        run = sidecar("--no-rules", wrap=["setpriv", "--bounding-set=-net_admin,-sys_admin"])
+        run.wait_for("ready:")
+        assert "(routes verified; no CAP_NET_ADMIN to read the nft table)" in run.text()
+        run.signal()
+        assert run.wait() == 0
+    finally:
+        init.remove()
