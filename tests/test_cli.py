@@ -10,10 +10,23 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import next_prefix, require_root
 from helpers import make_pki
 
-from trio_tproxy import certs, nft
+from trio_tproxy import certs
 from trio_tproxy.cli import build_parser, config_from, interception_from
+from trio_tproxy.config import (
+    ConfigError,
+    IdentityPolicy,
+    Interception,
+    ProxyConfig,
+    Timeouts,
+    TLSFiles,
+)
+from trio_tproxy.interception import Installer
+
+#: Placeholder --cert/--key/--ca-cert: flag checks happen before files are read.
+FILES = ["--cert", "c.pem", "--key", "k.pem", "--ca-cert", "ca.pem"]
 
 
 def tls_flags(cert, key, ca) -> list[str]:
@@ -101,38 +114,195 @@ def test_interception_flags_build_the_config():
     assert ic.exclude_inbound_ports == (8081,) and ic.exclude_outbound_ports == (53,)
 
 
-def test_rules_show_prints_exactly_the_rendered_ruleset():
-    out = run_cli("rules", "show", "--exclude-outbound-port", "53")
+def test_rules_show_prints_the_table_and_the_routes():
+    out = run_cli("rules", "show", "--exclude-outbound-port", "53", "--route-table", "77")
     assert out.returncode == 0, out.stderr
-    args = build_parser().parse_args(["rules", "show", "--exclude-outbound-port", "53"])
-    assert out.stdout == nft.render(interception_from(args))
+    args = build_parser().parse_args(
+        ["rules", "show", "--exclude-outbound-port", "53", "--route-table", "77"]
+    )
+    assert out.stdout == Installer(interception_from(args)).show()
+    assert "table inet trio_tproxy {" in out.stdout
+    assert out.stdout.splitlines()[-5:] == [
+        "ip link set lo up",
+        "ip rule add fwmark 10 iif lo lookup 77",
+        "ip -6 rule add fwmark 10 iif lo lookup 77",
+        "ip route add local 0.0.0.0/0 dev lo table 77",
+        "ip -6 route add local ::/0 dev lo table 77",
+    ]
 
 
 @pytest.mark.parametrize(
-    "argv, fragment",
+    "argv, line",
     [
-        (["run", "--tcp-port", "70000"], "invalid port 70000"),
-        (["run", "--tcp-port", "x"], "invalid port 'x'"),
-        (["run", "--intercept-cidr", "10.0.0.0/33"], "invalid CIDR"),
+        (
+            ["run", *FILES, "--tcp-port", "70000"],
+            "run: error: invalid port 70000 for --tcp-port: must be in 1..65535",
+        ),
+        (
+            ["run", *FILES, "--exclude-inbound-port", "0"],
+            "run: error: invalid port 0 for --exclude-inbound-port: must be in 1..65535",
+        ),
+        (["run", "--tcp-port", "x"], "run: error: argument --tcp-port/-tcp-port: invalid port 'x'"),
+        (["run", "--intercept-cidr", "10.0.0.0/33"], "invalid CIDR '10.0.0.0/33'"),
+        (
+            ["rules", "show", "--intercept-cidr", "10.1.2.3/8"],
+            "invalid CIDR '10.1.2.3/8': host bits set (the network is 10.0.0.0/8;",
+        ),
+        (
+            ["rules", "show", "--exclude-cidr", "fd00::1/8"],
+            "host bits set (the network is fd00::/8",
+        ),
         (["run", "--verify", "dns"], "invalid choice"),
-        (["run", "--handshake-timeout", "0"], "must be > 0"),
-        (["run", "--no-such-flag"], "unrecognized arguments"),
-        (["run"], "missing --cert, --key, --ca-cert"),
+        (
+            ["run", *FILES, "--handshake-timeout", "0"],
+            "invalid --handshake-timeout 0.0: must be > 0",
+        ),
+        (["run", *FILES, "--connect-timeout", "nan"], "invalid --connect-timeout nan: must be > 0"),
+        (["run", *FILES, "--route-check-interval", "0"], "--route-check-interval 0.0: must be > 0"),
+        (["run", *FILES, "--rules-wait", "-1"], "invalid --rules-wait -1.0: must be > 0"),
+        (
+            ["run", *FILES, "--session-cache", "-5"],
+            "invalid --session-cache -5: must be an integer",
+        ),
+        (["run", *FILES, "-v", "-1"], "invalid verbosity -v -1: must be an integer >= 0"),
+        (
+            ["run", *FILES, "--no-such-flag"],
+            "trio-tproxy run: error: unrecognized arguments: --no-such-flag",
+        ),
+        (
+            ["rules", "show", "--x", "1"],
+            "trio-tproxy rules: error: unrecognized arguments: --x 1",
+        ),
+        (["run"], "the following arguments are required: --cert/-cert, --key/-key, --ca-cert"),
         (["rules", "show", "--tcp-port", "5", "--tls-port", "5"], "both 5"),
         (["rules", "show", "--table", "1abc"], "invalid nft table name"),
+        (
+            ["rules", "show", "--bypass-mark", "0xa"],
+            "--recirculate-mark and --bypass-mark are both 10",
+        ),
+        (
+            ["rules", "show", "--bypass-mark", "0"],
+            "invalid mark 0 for --bypass-mark: must be in 1..",
+        ),
+        (
+            ["rules", "show", "--recirculate-mark", "0x100000000"],
+            "invalid mark 4294967296 for --recirculate-mark",
+        ),
+        (
+            ["rules", "show", "--route-table", "-1"],
+            "rules: error: invalid route table -1: must be in 1..4294967295, and 253, 254, 255 "
+            "are reserved",
+        ),
+        (["rules", "show", "--route-table", "254"], "invalid route table 254: must be in 1.."),
     ],
 )
-def test_bad_flags_exit_2_with_one_line(argv, fragment):
+def test_bad_flags_exit_2_with_one_line(argv, line):
     out = run_cli(*argv)
-    assert out.returncode == 2
+    assert out.returncode == 2, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert fragment in lines[0]
+    assert lines[0].startswith(f"trio-tproxy {argv[0]}: error: "), lines[0]
+    assert line in lines[0]
 
 
 def test_missing_certificate_explains_how_to_make_one():
     out = run_cli("run")
     assert "trio-tproxy certs ca" in out.stderr and "no key ships" in out.stderr
+
+
+def test_run_help_shows_required_files_and_documents_every_flag():
+    out = run_cli("run", "--help")
+    assert out.returncode == 0
+    usage = out.stdout.split("\n\n", 1)[0]
+    # Required flags are the ones argparse prints without brackets.
+    for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT"):
+        assert flag in usage and f"[{flag}]" not in usage
+    for flag in (
+        "--handshake-timeout",
+        "--connect-timeout",
+        "--half-close-timeout",
+        "--rules-wait",
+    ):
+        body = out.stdout.split(f"  {flag} S", 1)[1].split("\n  -", 1)[0]
+        assert "(default " in body, (flag, body)
+    top = run_cli("--help")
+    assert "`" not in top.stdout and "`" not in out.stdout
+
+
+def test_help_defaults_come_from_the_dataclasses(monkeypatch):
+    # Change a dataclass default: --help and the parsed config follow it.
+    field = Interception.__dataclass_fields__["tcp_port"]
+    monkeypatch.setattr(field, "default", 4242)
+    text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    assert "plaintext (egress) listener port (default 4242)" in text
+
+
+def test_flags_not_given_leave_the_dataclass_defaults():
+    args = build_parser().parse_args(["run", *FILES])
+    tls = TLSFiles(Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+    assert config_from(args) == ProxyConfig(tls=tls)
+    given = build_parser().parse_args(
+        ["run", *FILES, "--no-rules", "--rules-wait", "3", "--session-cache", "0", "-v", "2"]
+        + ["--connect-timeout", "1.5", "--allow-id", "spiffe://cluster.local/ns/x/"]
+    )
+    config = config_from(given)
+    assert (config.manage_rules, config.rules_wait, config.session_cache) == (False, 3.0, 0)
+    assert config.verbosity == 2 and config.timeouts == Timeouts(connect=1.5)
+    assert config.identity == IdentityPolicy(allow_ids=("spiffe://cluster.local/ns/x/",))
+
+
+@pytest.mark.parametrize(
+    "build, fragment",
+    [
+        (lambda: Interception(tcp_port=0), "invalid port 0 for --tcp-port"),
+        (lambda: Interception(tls_port=70000), "invalid port 70000 for --tls-port"),
+        (lambda: Interception(bypass_mark=-5), "invalid mark -5 for --bypass-mark"),
+        (lambda: Interception(recirculate_mark=True), "invalid mark True"),
+        (lambda: Interception(route_table=253), "253, 254, 255 are reserved"),
+        (lambda: Interception(route_table=0), "invalid route table 0"),
+        (lambda: Interception(rule_priority=-1), "invalid rule priority -1"),
+        (lambda: Interception(intercept_cidrs=("10.0.0.0/8",)), "not an IP network"),  # type: ignore[arg-type]
+        (lambda: Timeouts(half_close=0), "invalid --half-close-timeout 0"),
+        (lambda: ProxyConfig(tls=None, session_cache=-1), "--session-cache -1"),  # type: ignore[arg-type]
+        (lambda: ProxyConfig(tls=None, route_check_interval=0), "--route-check-interval 0"),  # type: ignore[arg-type]
+        (lambda: ProxyConfig(tls=None, verbosity=-1), "verbosity -v -1"),  # type: ignore[arg-type]
+        (lambda: ProxyConfig(tls=None, rules_wait=0), "--rules-wait 0"),  # type: ignore[arg-type]
+    ],
+)
+def test_dataclasses_validate_when_built(build, fragment):
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.netns
+def test_rules_apply_without_cap_net_admin_exits_2_with_one_line():
+    # In a namespace of our own: if dropping the capability failed, nothing
+    # would be installed in the machine's namespace.
+    require_root()
+    ns = f"{next_prefix()}-cap"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for action in ("apply", "delete"):
+            out = subprocess.run(
+                ["ip", "netns", "exec", ns, "setpriv", "--bounding-set=-net_admin,-sys_admin"]
+                + [sys.executable, "-m", "trio_tproxy", "rules", action],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert out.returncode == 2, out
+            assert out.stderr.strip().splitlines() == [
+                "trio-tproxy rules: error: CAP_NET_ADMIN is missing: run as root or give the "
+                "container the NET_ADMIN capability (or pass --no-rules if an init container "
+                "installs them)"
+            ]
+        tables = subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "list", "tables"], capture_output=True, text=True
+        )
+        assert tables.stdout == ""
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
 def test_bad_files_name_the_file_and_the_problem(pki, tmp_path):
@@ -191,6 +361,7 @@ def test_certs_subcommand_makes_a_working_pki(tmp_path):
     assert creds.spiffe_id == "spiffe://cluster.local/ns/prod/sa/web"
 
 
+@pytest.mark.netns  # setpriv --bounding-set needs root (CAP_SETPCAP)
 def test_demo_refuses_politely_without_root():
     out = subprocess.run(
         [

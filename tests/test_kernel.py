@@ -11,21 +11,27 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import secrets
+import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from conftest import next_prefix
 from pyroute2 import netns as pyroute2_netns
 
 from trio_tproxy.config import Interception
+from trio_tproxy.interception import Installer
 from trio_tproxy.kernel import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
@@ -37,7 +43,6 @@ from trio_tproxy.kernel import (
     set_mark,
     set_transparent,
 )
-from trio_tproxy.nft import Nft
 
 net = ipaddress.ip_network
 ROUTE4 = "ip route local 0.0.0.0/0 dev lo table 10"
@@ -58,10 +63,14 @@ def require_root(*tools: str) -> None:
     if os.geteuid() != 0:
         problems.append("not root: network namespaces, IP_TRANSPARENT and SO_MARK need it")
     if problems:
-        message = "; ".join(problems)
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the kernel tests cannot run: {message}")
-        pytest.skip(message)
+        unavailable("; ".join(problems))
+
+
+def unavailable(message: str) -> None:
+    """Skip: this machine cannot run the test. Under CI=true, fail instead, saying why."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the kernel tests cannot run: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def ip(*args: str) -> str:
@@ -70,7 +79,8 @@ def ip(*args: str) -> str:
 
 @contextmanager
 def new_netns() -> Iterator[str]:
-    name = f"tpt-{secrets.token_hex(4)}"
+    # Under the session prefix: the session's final check sees any leak.
+    name = next_prefix()
     ip("netns", "add", name)
     try:
         yield name
@@ -114,6 +124,7 @@ def test_constants() -> None:
 # --------------------------------------------------------------------------- socket options
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize(
     ("family", "level", "option"),
     [
@@ -135,6 +146,7 @@ def test_set_transparent_rejects_other_families() -> None:
             set_transparent(sock)
 
 
+@pytest.mark.netns
 def test_set_mark() -> None:
     require_root()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -180,12 +192,12 @@ def test_abort_on_close_makes_peer_see_reset(abort: bool) -> None:
 
 def test_original_destination_ipv6_is_a_pair() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        unavailable("no IPv6")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         try:
             listener.bind(("::1", 0))
         except OSError as exc:
-            pytest.skip(f"no ::1 here: {exc}")
+            unavailable(f"no ::1 here: {exc}")
         listener.listen(1)
         with socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT):
             accepted, _ = listener.accept()
@@ -196,13 +208,13 @@ def test_original_destination_ipv6_is_a_pair() -> None:
 
 def test_original_destination_unmaps_ipv4_mapped() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        unavailable("no IPv6")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             listener.bind(("::", 0))
         except OSError as exc:
-            pytest.skip(f"no dual-stack socket here: {exc}")
+            unavailable(f"no dual-stack socket here: {exc}")
         listener.listen(1)
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
@@ -337,9 +349,10 @@ def test_remove_on_a_clean_namespace_is_fine(netns: str) -> None:
     assert our_rules(netns) == our_rules(netns, six=True) == []
 
 
+@pytest.mark.netns
 def test_missing_netns_is_not_created() -> None:
     require_root()
-    name = f"tpt-{secrets.token_hex(4)}"
+    name = next_prefix()  # never created; if it were, the session check would see it
     with pytest.raises(FileNotFoundError):
         PolicyRoutes(Interception(), name).missing()
     assert name not in ip("netns", "list")
@@ -386,8 +399,7 @@ class Topology:
         return sock
 
     def intercept(self, ic: Interception) -> None:
-        Nft(netns=self.pod).apply(ic)
-        PolicyRoutes(ic, self.pod).install()
+        Installer(ic, self.pod).apply()
 
     def proxy_listeners(
         self, ic: Interception, family: int, *, bypass: bool = True
@@ -557,3 +569,380 @@ def test_netlink_errno_is_kept() -> None:
     assert isinstance(err, RouteError) and isinstance(err, OSError)
     assert err.errno == errno.EPERM
     assert str(err) == f"[Errno 1] {RULE4}: Operation not permitted (needs CAP_NET_ADMIN)"
+
+
+# --------------------------------------------------------------------------- PolicyRoutes.remove
+
+
+def test_route_remove_tries_every_object_and_reports_each_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failing delete does not stop the others; one RouteError lists each failure."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from trio_tproxy.kernel import RouteError
+
+    deleted: list[str] = []
+
+    class FakeIPRoute:
+        def link_lookup(self, ifname: str) -> list[int]:
+            return [1]
+
+        def get_rules(self, family: int) -> list[Any]:
+            return []
+
+        def route(self, op: str, **spec: Any) -> None:
+            if spec["family"] == socket.AF_INET:
+                raise NetlinkError(errno.EPERM, "Operation not permitted")
+            deleted.append(spec["dst"])
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("trio_tproxy.kernel.IPRoute", lambda **kwargs: FakeIPRoute())
+    with pytest.raises(RouteError) as info:
+        PolicyRoutes(Interception()).remove()
+    assert deleted == ["::/0"]  # tried after the IPv4 route failed
+    assert len(info.value.failures) == 1
+    assert str(info.value) == (
+        f"[Errno 1] delete {ROUTE4}: Operation not permitted (needs CAP_NET_ADMIN)"
+    )
+
+
+# --------------------------------------------------------------------------- the installer
+
+
+def nft_in(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "nft", *args], capture_output=True, text=True, check=False
+    )
+
+
+def nothing_installed(ns: str) -> dict[str, Any]:
+    """Every trace of interception in ``ns``; all empty when nothing is left."""
+    return {
+        "tables": nft_in(ns, "list", "tables").stdout.strip(),
+        "rules": our_rules(ns) + our_rules(ns, six=True),
+        "routes": table_routes(ns) + table_routes(ns, six=True),
+    }
+
+
+NOTHING_LEFT = {"tables": "", "rules": [], "routes": []}
+
+
+@pytest.mark.netns
+def test_installer_apply_verify_repair_remove(netns: str) -> None:
+    ic = Interception()
+    installer = Installer(ic, netns)
+    absent = "nft table inet trio_tproxy absent"
+    assert installer.verify() == [absent, LO_UP, RULE4, RULE6, ROUTE4, ROUTE6]
+
+    installer.apply()
+    installer.apply()  # idempotent
+    assert installer.verify() == []
+    assert "trio_tproxy" in nft_in(netns, "list", "tables").stdout
+
+    # lo flap: the IPv6 route goes; the table is deleted by hand
+    ip("-n", netns, "link", "set", "lo", "down")
+    assert nft_in(netns, "delete", "table", "inet", "trio_tproxy").returncode == 0
+    assert installer.verify() == [absent, LO_UP, ROUTE6]
+    assert installer.repair() == ["nft table inet trio_tproxy", LO_UP, ROUTE6]
+    assert installer.verify() == []
+    assert installer.repair() == []
+
+    installer.remove()
+    installer.remove()  # absent things are fine
+    assert nothing_installed(netns) == NOTHING_LEFT
+    assert lo_is_up(netns)  # lo is not ours to take down
+
+
+@pytest.mark.netns
+def test_verify_sees_a_table_of_another_configuration_and_a_changed_table(netns: str) -> None:
+    Installer(Interception(tls_port=15006), netns).apply()
+    installer = Installer(Interception(), netns)
+    installer.routes.install()
+    assert installer.verify() == [
+        "nft table inet trio_tproxy differs from this configuration's (fingerprint)"
+    ]
+    assert installer.repair() == ["nft table inet trio_tproxy"]
+    assert installer.verify() == []
+
+    # A rule deleted by hand: same fingerprint, different listing.
+    listing = nft_in(netns, "-a", "list", "chain", "inet", "trio_tproxy", "output").stdout
+    handle = re.search(r"meta mark set .* # handle (\d+)", listing)
+    assert handle is not None, listing
+    out = nft_in(netns, "delete", "rule", "inet", "trio_tproxy", "output", "handle", handle[1])
+    assert out.returncode == 0, out.stderr
+    assert installer.verify() == ["nft table inet trio_tproxy was changed since it was loaded"]
+    assert installer.repair() == ["nft table inet trio_tproxy"]
+    assert "meta mark set" in nft_in(netns, "list", "chain", "inet", "trio_tproxy", "output").stdout
+    installer.remove()
+    assert nothing_installed(netns) == NOTHING_LEFT
+
+
+@pytest.mark.netns
+def test_remove_tries_every_step_and_names_each_failure() -> None:
+    """In a namespace that does not exist both steps fail: both are reported."""
+    from trio_tproxy.interception import InterceptionError
+
+    require_root("nft")
+    installer = Installer(Interception(), next_prefix())  # never created
+    with pytest.raises(InterceptionError) as info:
+        installer.remove()
+    failures = info.value.failures
+    assert len(failures) == 2, failures
+    assert "No such file or directory" in failures[0]  # netlink: no such namespace
+    assert failures[1].startswith("nft table inet trio_tproxy: ip netns exec")
+    assert str(info.value).startswith("could not remove interception: ")
+
+
+@pytest.mark.netns
+def test_apply_undoes_the_table_when_the_routes_fail(netns: str) -> None:
+    from trio_tproxy.kernel import RouteError
+
+    installer = Installer(Interception(), netns)
+
+    def fail() -> None:
+        raise RouteError(errno.EPERM, "ip rule fwmark 10 iif lo lookup 10: refused")
+
+    installer.routes.install = fail  # type: ignore[method-assign]
+    with pytest.raises(RouteError):
+        installer.apply()
+    assert nothing_installed(netns) == NOTHING_LEFT
+
+
+# --------------------------------------------------------------------------- the sidecar's lifecycle
+
+#: Stands in for nft: records each run as a file ``<kind>.<pid>`` in $NFT_MARKS
+#: (kind: apply, delete or other), sleeps $NFT_DELAY first if the kind is
+#: $NFT_SLOW, fails if it is $NFT_FAIL, else runs the real nft.
+SLOW_NFT = """#!/bin/sh
+input=$(cat)
+kind=other
+if [ "$*" = "-f -" ]; then
+    case "$input" in *"table inet"*"chain"*) kind=apply ;; *) kind=delete ;; esac
+fi
+touch "$NFT_MARKS/$kind.$$"
+if [ "$kind" = "$NFT_FAIL" ]; then echo "Error: simulated failure" >&2; exit 1; fi
+if [ "$kind" = "$NFT_SLOW" ]; then sleep "$NFT_DELAY"; fi
+printf '%s\\n' "$input" | exec REAL_NFT "$@"
+"""
+SIGNAL_LINE = "SIGTERM received: shutting down"
+
+
+@dataclass
+class SidecarRun:
+    """One ``trio-tproxy run`` in a namespace, with the slow nft first on PATH."""
+
+    ns: str
+    marks: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, what: str, timeout: float = 20.0) -> None:
+        """Until the log has ``what``, or a mark file named ``what.*`` exists."""
+        deadline = time.monotonic() + timeout
+        while what not in self.text() and not list(self.marks.glob(f"{what}.*")):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {what!r} (exit {self.process.poll()}):\n{self.text()}")
+            time.sleep(0.02)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"sidecar did not exit:\n{self.text()}") from None
+
+
+@pytest.fixture
+def sidecar(netns: str, tmp_path: Path) -> Iterator[Callable[..., SidecarRun]]:
+    from helpers import make_pki
+
+    real = shutil.which("nft")
+    if real is None:
+        unavailable("nft is not installed")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nft").write_text(SLOW_NFT.replace("REAL_NFT", real))
+    (bindir / "nft").chmod(0o755)
+    pki = make_pki(tmp_path)["a"]
+    runs: list[SidecarRun] = []
+    ip("-n", netns, "link", "set", "lo", "up")
+
+    def start(*flags: str, slow: str = "", fail: str = "", wrap: Sequence[str] = ()) -> SidecarRun:
+        marks = tmp_path / f"marks{len(runs)}"
+        marks.mkdir()
+        log = tmp_path / f"sidecar{len(runs)}.log"
+        env = [
+            f"PATH={bindir}:{os.environ['PATH']}",
+            f"NFT_MARKS={marks}",
+            f"NFT_SLOW={slow}",
+            f"NFT_FAIL={fail}",
+            "NFT_DELAY=1.5",
+        ]
+        argv = ["ip", "netns", "exec", netns, "env", *env, *wrap, sys.executable]
+        argv += ["-m", "trio_tproxy"]
+        argv += ["run", "--cert", str(pki.cert), "--key", str(pki.key)]
+        argv += ["--ca-cert", str(pki.ca_cert), *flags]
+        with open(log, "wb") as out:
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        run = SidecarRun(netns, marks, log, process)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+    Installer(Interception(), netns).remove()
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("moment", ["during-apply", "after-apply", "during-remove"])
+def test_sigterm_at_any_moment_leaves_nothing(
+    netns: str, sidecar: Callable[..., SidecarRun], moment: str
+) -> None:
+    slow = {"during-apply": "apply", "during-remove": "delete"}.get(moment, "")
+    run = sidecar(slow=slow)
+    if moment == "during-apply":
+        run.wait_for("apply")  # the (slow) nft run that loads the table has started
+        assert "ready:" not in run.text()
+        run.signal()
+    else:
+        run.wait_for("ready:")
+        assert nothing_installed(netns) != NOTHING_LEFT
+        run.signal()
+        if moment == "during-remove":
+            run.wait_for("delete")  # removal has started: a second SIGTERM must not stop it
+            run.signal()
+    assert run.wait() == 0, run.text()
+    assert nothing_installed(netns) == NOTHING_LEFT
+    log = run.text()
+    assert log.count(SIGNAL_LINE) == 1, log
+    assert "ERROR" not in log and "Traceback" not in log, log
+    assert " INFO stopped: " in log
+    if moment != "during-apply":
+        assert " INFO ready: " in log  # lifecycle lines are INFO, not WARNING
+
+
+@pytest.mark.netns
+def test_sigint_during_apply_leaves_nothing(netns: str, sidecar: Callable[..., SidecarRun]) -> None:
+    run = sidecar(slow="apply")
+    run.wait_for("apply")
+    run.signal(signal.SIGINT)
+    assert run.wait() == 0, run.text()
+    assert nothing_installed(netns) == NOTHING_LEFT
+    assert run.text().count("SIGINT received: shutting down") == 1
+
+
+@pytest.mark.netns
+def test_nft_failure_at_startup_exits_2_with_one_line(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    run = sidecar(fail="apply")
+    assert run.wait() == 2
+    lines = run.text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("trio-tproxy run: error: nft -f -: Error: simulated failure")
+    assert nothing_installed(netns) == NOTHING_LEFT
+
+
+@pytest.mark.netns
+def test_watcher_repairs_table_and_routes_with_one_warning_line(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    run = sidecar("--route-check-interval", "0.2")
+    run.wait_for("ready:")
+    assert nft_in(netns, "delete", "table", "inet", "trio_tproxy").returncode == 0
+    ip("-n", netns, "link", "set", "lo", "down")
+    ip("-n", netns, "link", "set", "lo", "up")  # the IPv6 local route is gone
+    run.wait_for("restored ")
+    repaired = [line for line in run.text().splitlines() if "restored " in line]
+    assert len(repaired) == 1, repaired
+    assert repaired[0].endswith(
+        f" WARNING restored nft table inet trio_tproxy; {ROUTE6} (it had disappeared or changed)"
+    )
+    assert Installer(Interception(), netns).verify() == []
+    run.signal()
+    assert run.wait() == 0
+    assert nothing_installed(netns) == NOTHING_LEFT
+
+
+@pytest.mark.netns
+def test_no_rules_fails_with_one_line_when_nobody_installs_them(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    run = sidecar("--no-rules", "--rules-wait", "0.5")
+    assert run.wait() == 2
+    lines = run.text().strip().splitlines()
+    assert lines == [
+        "trio-tproxy run: error: --no-rules: interception is not in place after 0.5s: "
+        f"nft table inet trio_tproxy absent; {RULE4}; {RULE6}; {ROUTE4}; {ROUTE6}"
+    ]
+    assert not list(run.marks.glob("apply.*"))  # it never installed anything
+
+
+@pytest.mark.netns
+def test_no_rules_waits_for_the_init_containers_rules_and_leaves_them(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    run = sidecar("--no-rules", "--rules-wait", "20")
+    run.wait_for("other")  # it has looked once and found nothing
+    assert "ready:" not in run.text()
+    init = Installer(Interception(), netns)
+    init.apply()  # what an init container's `trio-tproxy rules apply` does
+    run.wait_for("ready:")
+    assert "(rules installed by another process (table and routes verified))" in run.text()
+    run.signal()
+    assert run.wait() == 0
+    assert init.verify() == []  # not ours: left in place
+    init.remove()
+
+
+@pytest.mark.netns
+def test_port_in_use_is_a_usage_error_and_installs_nothing(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    """An OSError at start-up (here EADDRINUSE) exits 2 with one line, like every user error."""
+    busy: socket.socket = pyroute2_netns.create_socket(
+        netns, socket.AF_INET, socket.SOCK_STREAM, flags=0
+    )
+    with busy:
+        busy.bind(("127.0.0.1", 15001))
+        busy.listen(1)
+        run = sidecar("--tcp-port", "15001")
+        assert run.wait() == 2
+    lines = run.text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trio-tproxy run: error: "), lines
+    assert "Address already in use" in lines[0]
+    assert not list(run.marks.glob("apply.*"))
+    assert nothing_installed(netns) == NOTHING_LEFT
+
+
+@pytest.mark.netns
+def test_no_rules_without_cap_net_admin_checks_the_routes(
+    netns: str, sidecar: Callable[..., SidecarRun]
+) -> None:
+    """Reading the nft table needs CAP_NET_ADMIN: without it, the routes are what is checked."""
+    if shutil.which("setpriv") is None:
+        unavailable("setpriv (util-linux) is not installed")
+    init = Installer(Interception(), netns)
+    init.apply()
+    try:
+        # CAP_NET_RAW stays: IP_TRANSPARENT and SO_MARK accept it instead of CAP_NET_ADMIN.
+        run = sidecar("--no-rules", wrap=["setpriv", "--bounding-set=-net_admin,-sys_admin"])
+        run.wait_for("ready:")
+        assert "(routes verified; no CAP_NET_ADMIN to read the nft table)" in run.text()
+        run.signal()
+        assert run.wait() == 0
+    finally:
+        init.remove()

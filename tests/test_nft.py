@@ -7,18 +7,20 @@ Regenerate the golden files with ``UPDATE_GOLDEN=1`` and review the diff.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
-import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from conftest import next_prefix
 
 from trio_tproxy.config import Interception
+from trio_tproxy.interception import Installer, fingerprint, transaction
 from trio_tproxy.nft import (
     Nft,
     NftError,
@@ -65,7 +67,6 @@ CONFIGS: dict[str, Interception] = {
 
 def require_root_and_nft() -> None:
     """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
-    ci = os.environ.get("CI") == "true"
     problems = []
     if shutil.which("nft") is None:
         problems.append("nft is not installed (apt-get install nftables)")
@@ -74,14 +75,19 @@ def require_root_and_nft() -> None:
     if os.geteuid() != 0:
         problems.append("not root: network namespaces and nft need CAP_SYS_ADMIN/CAP_NET_ADMIN")
     if problems:
-        message = "; ".join(problems)
-        if ci:
-            pytest.fail(f"CI=true but the nft tests cannot run: {message}")
-        pytest.skip(message)
+        unavailable("; ".join(problems))
+
+
+def unavailable(message: str) -> None:
+    """Skip: this machine cannot run the test. Under CI=true, fail instead, saying why."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but the nft tests cannot run: {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def _new_netns() -> str:
-    name = f"tpt-{secrets.token_hex(4)}"
+    # Under the session prefix: the session's final check sees any leak.
+    name = next_prefix()
     subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
     return name
 
@@ -263,6 +269,12 @@ def test_nft_check_accepts_rendering(check_ns: str, name: str) -> None:
 
 
 @pytest.mark.netns
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_nft_check_accepts_the_installer_transaction(check_ns: str, name: str) -> None:
+    Nft(netns=check_ns).check(transaction(CONFIGS[name]))
+
+
+@pytest.mark.netns
 def test_nft_check_rejects_bad_text_in_one_line(check_ns: str) -> None:
     with pytest.raises(NftError) as info:
         Nft(netns=check_ns).check("table inet x {\n\tchain c { type filter hook nowhere }\n}\n")
@@ -279,6 +291,61 @@ def test_apply_feeds_render_to_one_nft_run() -> None:
     run = FakeRunner()
     Nft(run=run).apply(CONFIGS["excludes"])
     assert run.calls == [(["nft", "-f", "-"], render(CONFIGS["excludes"]))]
+
+
+def test_load_feeds_the_text_to_one_nft_run() -> None:
+    run = FakeRunner()
+    Nft(run=run).load("add table inet x\n")
+    assert run.calls == [(["nft", "-f", "-"], "add table inet x\n")]
+
+
+def test_installer_transaction_is_the_render_plus_its_fingerprint() -> None:
+    ic = CONFIGS["excludes"]
+    text = transaction(ic)
+    assert text.startswith(render(ic))
+    digest = hashlib.sha256(render(ic).encode()).hexdigest()
+    assert fingerprint(ic) == digest
+    assert text.splitlines()[-1] == (
+        f'add set inet trio_tproxy fingerprint {{ type mark; comment "trio-tproxy sha256 {digest}"; }}'
+    )
+    # Another configuration, another fingerprint; the same one, the same.
+    assert fingerprint(Interception(tls_port=15006)) != fingerprint(Interception())
+    assert fingerprint(Interception()) == fingerprint(Interception())
+
+
+class FakeRoutes:
+    """Stands in for PolicyRoutes (no netlink here): records calls, fails on demand."""
+
+    def __init__(self, fail_install: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail_install = fail_install
+
+    def install(self) -> None:
+        self.calls.append("install")
+        if self.fail_install:
+            raise OSError(1, "ip rule fwmark 10 iif lo lookup 10: refused")
+
+    def remove(self) -> None:
+        self.calls.append("remove")
+
+
+def test_installer_order_table_then_routes_and_undo_in_reverse() -> None:
+    ic = Interception()
+    run = FakeRunner()
+    installer = Installer(ic, nft=Nft(run=run))
+    installer.routes = FakeRoutes()  # type: ignore[assignment]
+    installer.apply()
+    assert [stdin for _, stdin in run.calls] == [transaction(ic), ""]  # load, then list
+    assert installer.routes.calls == ["install"]  # type: ignore[attr-defined]
+
+    # Routes fail: apply removes routes, then the table, and re-raises.
+    run = FakeRunner()
+    installer = Installer(ic, nft=Nft(run=run))
+    installer.routes = FakeRoutes(fail_install=True)  # type: ignore[assignment]
+    with pytest.raises(OSError, match="refused"):
+        installer.apply()
+    assert installer.routes.calls == ["install", "remove"]  # type: ignore[attr-defined]
+    assert run.calls[-1] == (["nft", "-f", "-"], render_delete(ic))
 
 
 def test_apply_in_netns_uses_ip_netns_exec() -> None:
@@ -448,7 +515,7 @@ def test_apply_replaces_table_left_by_crashed_run(netns: str) -> None:
 def test_real_permission_error_is_classified(netns: str, who: str) -> None:
     """Without CAP_NET_ADMIN, both ``ip netns exec`` and nft itself fail as PERMISSION."""
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+        unavailable("setpriv (util-linux) is not installed")
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
     def unprivileged(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
@@ -467,7 +534,7 @@ def test_real_permission_error_is_classified(netns: str, who: str) -> None:
 @pytest.mark.netns
 def test_missing_netns_is_a_failure_not_an_absent_table() -> None:
     require_root_and_nft()
-    name = f"tpt-{secrets.token_hex(4)}"
+    name = next_prefix()  # never created
     with pytest.raises(NftError) as info:
         Nft(netns=name).list_table(Interception())
     assert info.value.kind is NftErrorKind.FAILED

@@ -1,23 +1,29 @@
-"""Command line: ``trio-tproxy run | rules | certs | demo``.
+"""Command line: trio-tproxy run | rules | certs | demo.
 
 The reference design's flags (``-tcp-port 1``, ``-cert ...``, ``-v 1``) are
 accepted in both their single-dash Go spellings and as ``--tcp-port``.  Every
-error is one line on stderr and exit code 2.
+error is one line on stderr, ``trio-tproxy <subcommand>: error: ...``, and
+exit code 2.
+
+This module only maps flags to the dataclasses of :mod:`.config`: a flag the
+user did not give is not passed at all, so every default lives in one place
+(the dataclass field) and ``--help`` reads it from there; every range check
+is the dataclass's ``__post_init__``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .config import (
-    DEFAULT_INTERCEPT_CIDRS,
     ConfigError,
     IdentityPolicy,
     Interception,
@@ -25,18 +31,27 @@ from .config import (
     Timeouts,
     TLSFiles,
     parse_cidr,
+    parse_int,
     parse_mark,
     parse_port,
+    parse_seconds,
 )
 
 EXIT_USAGE = 2
 T = TypeVar("T")
+#: A flag the user did not give leaves no attribute: the dataclass default applies.
+UNSET = argparse.SUPPRESS
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but an error is one line (no usage dump) and exit code 2."""
 
+    #: Appended to "the following arguments are required" (how to get them).
+    required_hint = ""
+
     def error(self, message: str) -> NoReturn:
+        if self.required_hint and message.startswith("the following arguments are required"):
+            message = f"{message}: {self.required_hint}"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -53,193 +68,284 @@ def _typed(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"invalid duration {text!r}: not a number of seconds") from None
-    if not value > 0:
-        raise ConfigError(f"invalid duration {text!r}: must be > 0")
-    return value
-
-
 def _flag(*names: str) -> list[str]:
     """``--tcp-port`` plus the Go spelling ``-tcp-port``."""
     return [n for name in names for n in (name, name[1:])]
 
 
+def default(cls: type[Any], name: str) -> Any:
+    """The dataclass field's default: the one place defaults are written."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def _shown(cls: type[Any], name: str) -> str:
+    value = default(cls, name)
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The flags among ``names`` that the user gave, by dataclass field name."""
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def add_interception_flags(parser: argparse.ArgumentParser) -> None:
+    def d(name: str) -> str:
+        return _shown(Interception, name)
+
     g = parser.add_argument_group("interception")
     g.add_argument(
         *_flag("--tcp-port"),
+        dest="tcp_port",
         type=_typed(parse_port),
-        default=1,
-        help="plaintext (egress) listener port (default 1)",
+        default=UNSET,
+        help=f"plaintext (egress) listener port (default {d('tcp_port')})",
     )
     g.add_argument(
         *_flag("--tls-port"),
+        dest="tls_port",
         type=_typed(parse_port),
-        default=2,
-        help="mTLS (ingress) listener port (default 2)",
+        default=UNSET,
+        help=f"mTLS (ingress) listener port (default {d('tls_port')})",
     )
     g.add_argument(
         "--intercept-cidr",
+        dest="intercept_cidrs",
         action="append",
         type=_typed(parse_cidr),
-        default=[],
+        default=UNSET,
         metavar="CIDR",
-        help="destination range to intercept (repeatable; default "
-        + ", ".join(map(str, DEFAULT_INTERCEPT_CIDRS))
-        + ")",
+        help=f"destination range to intercept (repeatable; default {d('intercept_cidrs')})",
     )
     g.add_argument(
         "--exclude-cidr",
+        dest="exclude_cidrs",
         action="append",
         type=_typed(parse_cidr),
-        default=[],
+        default=UNSET,
         metavar="CIDR",
-        help="never intercept traffic to (egress) or from (ingress) it",
+        help="never intercept traffic to (egress) or from (ingress) it (repeatable)",
     )
     g.add_argument(
         "--exclude-inbound-port",
+        dest="exclude_inbound_ports",
         action="append",
         type=_typed(parse_port),
-        default=[],
+        default=UNSET,
         metavar="PORT",
         help="inbound port left in plaintext (repeatable)",
     )
     g.add_argument(
         "--exclude-outbound-port",
+        dest="exclude_outbound_ports",
         action="append",
         type=_typed(parse_port),
-        default=[],
+        default=UNSET,
         metavar="PORT",
         help="outbound port left in plaintext (repeatable)",
     )
-    g.add_argument("--table", default="trio_tproxy", help="nftables table name (inet family)")
+    g.add_argument(
+        "--table",
+        dest="table",
+        default=UNSET,
+        help=f"nftables table name, inet family (default {d('table')})",
+    )
     g.add_argument(
         "--recirculate-mark",
+        dest="recirculate_mark",
         type=_typed(parse_mark),
-        default=10,
-        help="fwmark of egress packets sent through lo to the proxy (default 10)",
+        default=UNSET,
+        help=f"fwmark of egress packets sent through lo to the proxy (default "
+        f"{d('recirculate_mark')})",
     )
     g.add_argument(
         "--bypass-mark",
+        dest="bypass_mark",
         type=_typed(parse_mark),
-        default=12,
-        help="SO_MARK of the proxy's own sockets (default 12)",
+        default=UNSET,
+        help=f"SO_MARK of the proxy's own sockets (default {d('bypass_mark')})",
     )
     g.add_argument(
         "--route-table",
-        type=int,
-        default=10,
-        help="policy routing table for the local routes (default 10)",
+        dest="route_table",
+        type=_typed(parse_int),
+        default=UNSET,
+        help=f"policy routing table for the local routes (default {d('route_table')})",
     )
 
 
 def interception_from(args: argparse.Namespace) -> Interception:
-    return Interception(
-        table=args.table,
-        intercept_cidrs=tuple(args.intercept_cidr) or DEFAULT_INTERCEPT_CIDRS,
-        exclude_cidrs=tuple(args.exclude_cidr),
-        exclude_inbound_ports=tuple(sorted(set(args.exclude_inbound_port))),
-        exclude_outbound_ports=tuple(sorted(set(args.exclude_outbound_port))),
-        tcp_port=args.tcp_port,
-        tls_port=args.tls_port,
-        recirculate_mark=args.recirculate_mark,
-        bypass_mark=args.bypass_mark,
-        route_table=args.route_table,
+    given = _given(
+        args,
+        "table",
+        "tcp_port",
+        "tls_port",
+        "recirculate_mark",
+        "bypass_mark",
+        "route_table",
+        "intercept_cidrs",
+        "exclude_cidrs",
+        "exclude_inbound_ports",
+        "exclude_outbound_ports",
     )
+    for name in ("intercept_cidrs", "exclude_cidrs"):
+        if name in given:
+            given[name] = tuple(given[name])
+    for name in ("exclude_inbound_ports", "exclude_outbound_ports"):
+        if name in given:
+            given[name] = tuple(sorted(set(given[name])))
+    return Interception(**given)
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
+def add_run_flags(parser: _Parser) -> None:
     add_interception_flags(parser)
-    g = parser.add_argument_group("TLS")
-    g.add_argument(*_flag("--cert"), type=Path, help="this pod's certificate chain (PEM)")
-    g.add_argument(*_flag("--key"), type=Path, help="its private key (PEM)")
-    g.add_argument(*_flag("--ca-cert"), type=Path, help="CA bundle peers must chain to (PEM)")
+    parser.required_hint = (
+        "no key ships with trio-tproxy; make a development CA and certificate with "
+        "'trio-tproxy certs ca --out DIR' and 'trio-tproxy certs issue --ca-dir DIR --out DIR "
+        "--name NAME --spiffe-id spiffe://cluster.local/ns/NS/sa/SA'"
+    )
+    g = parser.add_argument_group("TLS (--cert, --key and --ca-cert are required)")
+    g.add_argument(
+        *_flag("--cert"), type=Path, required=True, help="this pod's certificate chain (PEM)"
+    )
+    g.add_argument(*_flag("--key"), type=Path, required=True, help="its private key (PEM)")
+    g.add_argument(
+        *_flag("--ca-cert"),
+        dest="ca_cert",
+        type=Path,
+        required=True,
+        help="CA bundle peers must chain to (PEM)",
+    )
     g.add_argument(
         "--trust-domain",
-        default="cluster.local",
-        help="SPIFFE trust domain peers must belong to (default cluster.local)",
+        dest="trust_domain",
+        default=UNSET,
+        help="SPIFFE trust domain peers must belong to (default "
+        f"{_shown(IdentityPolicy, 'trust_domain')})",
     )
     g.add_argument(
         "--verify",
+        dest="mode",
         choices=("spiffe", "ip"),
-        default="spiffe",
-        help="spiffe: peer's SPIFFE ID in the trust domain (default); "
-        "ip: server cert has an IP SAN equal to the original destination",
+        default=UNSET,
+        help="spiffe: peer's SPIFFE ID in the trust domain; ip: server cert has an IP SAN "
+        f"equal to the original destination (default {_shown(IdentityPolicy, 'mode')})",
     )
     g.add_argument(
         "--tls-groups",
+        dest="tls_groups",
+        default=UNSET,
         metavar="GROUPS",
         help="key-exchange groups, e.g. X25519:P-256 (default: OpenSSL's, which puts the "
         "post-quantum hybrid X25519MLKEM768 first)",
     )
     g.add_argument(
         "--allow-id",
+        dest="allow_ids",
         action="append",
-        default=[],
+        default=UNSET,
         metavar="SPIFFE_ID",
         help="accept only these peer IDs (exact, or a prefix ending in /; repeatable)",
     )
     t = parser.add_argument_group("timeouts (seconds)")
-    t.add_argument("--handshake-timeout", type=_typed(_seconds), default=10.0)
-    t.add_argument("--connect-timeout", type=_typed(_seconds), default=5.0)
+    t.add_argument(
+        "--handshake-timeout",
+        dest="handshake",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help=f"longest TLS handshake, either direction (default {_shown(Timeouts, 'handshake')})",
+    )
+    t.add_argument(
+        "--connect-timeout",
+        dest="connect",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="longest TCP connect to the original destination or the app (default "
+        f"{_shown(Timeouts, 'connect')})",
+    )
     t.add_argument(
         "--half-close-timeout",
-        type=_typed(_seconds),
-        default=60.0,
-        help="how long one direction may stay open after the other ended",
+        dest="half_close",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="how long one direction may stay open after the other ended (default "
+        f"{_shown(Timeouts, 'half_close')})",
     )
     o = parser.add_argument_group("operation")
     o.add_argument(
         "-v",
-        type=int,
-        default=0,
+        dest="verbosity",
+        type=_typed(parse_int),
+        default=UNSET,
         metavar="N",
-        help="verbosity: 0 refusals and lifecycle, 1 one line per connection, 2 debug",
+        help="verbosity: 0 refusals and lifecycle, 1 one line per connection, 2 debug "
+        f"(default {_shown(ProxyConfig, 'verbosity')})",
     )
     o.add_argument(
         "--no-rules",
-        action="store_true",
-        help="do not install nftables rules and routes (an init container did)",
+        dest="manage_rules",
+        action="store_false",
+        default=UNSET,
+        help="do not install nftables rules and routes: wait for the ones an init "
+        "container installs (see --rules-wait)",
     )
-    o.add_argument("--route-check-interval", type=_typed(_seconds), default=5.0)
+    o.add_argument(
+        "--rules-wait",
+        dest="rules_wait",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="with --no-rules, how long to wait for the rules before giving up (default "
+        f"{_shown(ProxyConfig, 'rules_wait')})",
+    )
+    o.add_argument(
+        "--route-check-interval",
+        dest="route_check_interval",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="seconds between checks (and repairs) of the table and routes (default "
+        f"{_shown(ProxyConfig, 'route_check_interval')})",
+    )
     o.add_argument(
         "--session-cache",
-        type=int,
-        default=4096,
+        dest="session_cache",
+        type=_typed(parse_int),
+        default=UNSET,
         metavar="N",
-        help="TLS sessions kept to resume connections to peers (0: off)",
+        help="TLS sessions kept to resume connections to peers, 0: off (default "
+        f"{_shown(ProxyConfig, 'session_cache')})",
     )
 
 
 def config_from(args: argparse.Namespace) -> ProxyConfig:
-    missing = [f for f in ("cert", "key", "ca_cert") if getattr(args, f) is None]
-    if missing:
-        flags = ", ".join("--" + f.replace("_", "-") for f in missing)
-        raise ConfigError(
-            f"missing {flags}: no key ships with trio-tproxy; make a development CA and "
-            "certificate with `trio-tproxy certs ca --out DIR` and `trio-tproxy certs issue "
-            "--ca-dir DIR --out DIR --name NAME --spiffe-id spiffe://cluster.local/ns/NS/sa/SA`"
-        )
+    identity = _given(args, "mode", "trust_domain", "allow_ids")
+    if "allow_ids" in identity:
+        identity["allow_ids"] = tuple(identity["allow_ids"])
     return ProxyConfig(
         tls=TLSFiles(cert=args.cert, key=args.key, ca_cert=args.ca_cert),
-        identity=IdentityPolicy(
-            mode=args.verify, trust_domain=args.trust_domain, allow_ids=tuple(args.allow_id)
-        ),
+        identity=IdentityPolicy(**identity),
         interception=interception_from(args),
-        timeouts=Timeouts(
-            handshake=args.handshake_timeout,
-            connect=args.connect_timeout,
-            half_close=args.half_close_timeout,
+        timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close")),
+        **_given(
+            args,
+            "verbosity",
+            "manage_rules",
+            "rules_wait",
+            "route_check_interval",
+            "session_cache",
+            "tls_groups",
         ),
-        verbosity=args.v,
-        manage_rules=not args.no_rules,
-        route_check_interval=args.route_check_interval,
-        session_cache=args.session_cache,
-        tls_groups=args.tls_groups,
     )
 
 
@@ -274,27 +380,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from . import kernel, nft
+    from .interception import Installer
 
     ic = interception_from(args)
+    installer = Installer(ic)
     if args.action == "show":
-        sys.stdout.write(nft.render(ic))
+        sys.stdout.write(installer.show())
         return 0
-    tables = nft.Nft()
-    routes = kernel.PolicyRoutes(ic)
+    installer.preflight()
     if args.action == "apply":
-        tables.apply(ic)
-        routes.install()
+        installer.apply()
         print(f"applied nft table inet {ic.table} and policy routes (table {ic.route_table})")
     else:
-        routes.remove()
-        tables.delete(ic)
+        installer.remove()  # tries every step; one error naming each failure
         print(f"deleted nft table inet {ic.table} and policy routes (table {ic.route_table})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="trio-tproxy", description=__doc__.splitlines()[0] if __doc__ else "")
+    parser = _Parser(
+        prog="trio-tproxy",
+        description="A transparent mutual-TLS sidecar: intercepts a pod's TCP with nftables "
+        "TPROXY and wraps it in mutual TLS.",
+    )
     parser.add_argument("--version", action="version", version=f"trio-tproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -302,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(run)
     run.set_defaults(func=cmd_run)
 
-    rules = sub.add_parser("rules", help="show, apply or delete the nftables rules and routes")
+    rules = sub.add_parser(
+        "rules", help="show, apply or delete the nftables rules and policy routes"
+    )
     rules.add_argument("action", choices=("show", "apply", "delete"))
     add_interception_flags(rules)
     rules.set_defaults(func=cmd_rules)
@@ -316,18 +426,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Reported by the subcommand's parser, so the line names it.
+        sub = _subparser(parser, args.command)
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
+        # OSError: unreadable files, nft.NftError, netlink errors, ports in use.
+        # All are the user's to fix (flags, files, capabilities): exit 2.
         print(f"trio-tproxy {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:  # includes nft.NftError and netlink errors
-        print(f"trio-tproxy {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[command]
+            return found
+    return parser
 
 
 if __name__ == "__main__":

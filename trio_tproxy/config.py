@@ -1,8 +1,12 @@
 """Configuration: frozen dataclasses, built once from the command line.
 
 Nothing here touches the kernel or the network; every value is validated when
-the dataclass is built, so the rest of the program never re-checks a flag.
-Parsing errors are :class:`ConfigError` and carry one human-readable line.
+the dataclass is built (``__post_init__``), so the rest of the program never
+re-checks a flag. The defaults are written here and nowhere else: the CLI
+passes only the flags the user gave and reads ``--help`` defaults from the
+fields. The ``parse_*`` helpers only turn text into a value; ranges are the
+dataclasses' job. Errors are :class:`ConfigError` and carry one
+human-readable line, naming the flag.
 """
 
 from __future__ import annotations
@@ -28,32 +32,80 @@ class ConfigError(ValueError):
     """A bad flag, file or value. ``str(exc)`` is the one line shown to the user."""
 
 
+#: Routing tables the kernel owns (default, main, local): never ours to fill.
+RESERVED_ROUTE_TABLES: tuple[int, ...] = (253, 254, 255)
+U32_MAX = 0xFFFFFFFF
+
+
 def parse_cidr(text: str) -> IPNetwork:
+    """``10.0.0.0/8`` or ``fc00::/7``; a network with host bits set is refused.
+
+    ``10.1.2.3/8`` is almost always a typo for a /32 or a different prefix:
+    silently widening it to 10.0.0.0/8 would intercept far more than asked.
+    """
+    text = text.strip()
     try:
-        return ipaddress.ip_network(text.strip(), strict=False)
+        return ipaddress.ip_network(text)
     except ValueError as exc:
-        raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
+        try:
+            widened = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ConfigError(f"invalid CIDR {text!r}: {exc}") from None
+        raise ConfigError(
+            f"invalid CIDR {text!r}: host bits set (the network is {widened}; write that, "
+            f"or /{widened.max_prefixlen} for one address)"
+        ) from None
 
 
-def parse_port(text: str | int, *, allow_zero: bool = False) -> int:
+def parse_int(text: str, what: str = "number", base: int = 10) -> int:
+    """An integer flag (its range is checked by the dataclass that holds it)."""
     try:
-        port = int(text)
-    except (TypeError, ValueError):
-        raise ConfigError(f"invalid port {text!r}: not a number") from None
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise ConfigError(f"invalid port {port}: must be in {low}..65535")
-    return port
-
-
-def parse_mark(text: str | int) -> int:
-    try:
-        mark = int(text, 0) if isinstance(text, str) else int(text)
+        return int(text, base)
     except ValueError:
-        raise ConfigError(f"invalid mark {text!r}: not a number") from None
-    if not 1 <= mark <= 0xFFFFFFFF:
-        raise ConfigError(f"invalid mark {mark}: must be in 1..0xffffffff")
-    return mark
+        raise ConfigError(f"invalid {what} {text!r}: not a number") from None
+
+
+def parse_port(text: str) -> int:
+    return parse_int(text, "port")
+
+
+def parse_mark(text: str) -> int:
+    """Decimal, or 0x.. (marks are often written in hex, as ``ip rule`` shows them)."""
+    return parse_int(text, "mark", base=0)
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"invalid duration {text!r}: not a number of seconds") from None
+
+
+def check_port(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"invalid port {value!r} for {what}: must be in 1..65535")
+
+
+def check_mark(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= U32_MAX:
+        raise ConfigError(f"invalid mark {value!r} for {what}: must be in 1..0xffffffff")
+
+
+def check_positive(value: float, what: str) -> None:
+    # `not value > 0` also refuses NaN.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"invalid {what} {value!r}: must be > 0")
+
+
+def check_at_least_zero(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"invalid {what} {value!r}: must be an integer >= 0")
+
+
+def check_networks(networks: tuple[IPNetwork, ...], what: str) -> None:
+    for net in networks:
+        if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            raise ConfigError(f"invalid {what} {net!r}: not an IP network")
 
 
 def parse_spiffe_id(text: str) -> tuple[str, str]:
@@ -91,11 +143,7 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         for name in ("handshake", "connect", "half_close"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(
-                    f"invalid {name.replace('_', '-')} timeout {value!r}: must be > 0"
-                )
+            check_positive(getattr(self, name), f"--{name.replace('_', '-')}-timeout")
 
 
 @dataclass(frozen=True)
@@ -157,12 +205,38 @@ class Interception:
             raise ConfigError(
                 f"invalid nft table name {self.table!r}: an ASCII letter, then letters, digits, '_'"
             )
+        check_networks(self.intercept_cidrs, "--intercept-cidr")
+        check_networks(self.exclude_cidrs, "--exclude-cidr")
+        check_port(self.tcp_port, "--tcp-port")
+        check_port(self.tls_port, "--tls-port")
+        for port in self.exclude_inbound_ports:
+            check_port(port, "--exclude-inbound-port")
+        for port in self.exclude_outbound_ports:
+            check_port(port, "--exclude-outbound-port")
         if self.tcp_port == self.tls_port:
             raise ConfigError(f"--tcp-port and --tls-port are both {self.tcp_port}")
+        check_mark(self.recirculate_mark, "--recirculate-mark")
+        check_mark(self.bypass_mark, "--bypass-mark")
         if self.recirculate_mark == self.bypass_mark:
-            raise ConfigError("the recirculate and bypass marks must differ")
-        if not 1 <= self.route_table <= 0xFFFFFFFF or self.route_table in (253, 254, 255):
-            raise ConfigError(f"invalid route table {self.route_table}: not 253/254/255")
+            raise ConfigError(
+                f"--recirculate-mark and --bypass-mark are both {self.bypass_mark}: they must differ"
+            )
+        table = self.route_table
+        if (
+            isinstance(table, bool)
+            or not isinstance(table, int)
+            or not 1 <= table <= U32_MAX
+            or table in RESERVED_ROUTE_TABLES
+        ):
+            raise ConfigError(
+                f"invalid route table {table!r}: must be in 1..{U32_MAX}, and 253, 254, 255 "
+                "are reserved (the kernel's default, main and local tables)"
+            )
+        if isinstance(self.rule_priority, bool) or not 0 <= self.rule_priority <= U32_MAX:
+            raise ConfigError(
+                f"invalid rule priority {self.rule_priority!r}: must be in 0..{U32_MAX} "
+                "(0: the kernel chooses)"
+            )
 
     @property
     def cidrs4(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -198,3 +272,12 @@ class ProxyConfig:
     session_cache: int = 4096
     #: Key-exchange groups for OpenSSL (None: its default, with the ML-KEM hybrid).
     tls_groups: str | None = None
+    #: With ``manage_rules`` False: seconds to wait for the rules another
+    #: process (an init container) installs before giving up.
+    rules_wait: float = 10.0
+
+    def __post_init__(self) -> None:
+        check_at_least_zero(self.verbosity, "verbosity -v")
+        check_positive(self.route_check_interval, "--route-check-interval")
+        check_at_least_zero(self.session_cache, "--session-cache")
+        check_positive(self.rules_wait, "--rules-wait")

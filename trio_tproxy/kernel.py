@@ -15,7 +15,10 @@ default`` routes that loop marked egress back through ``lo``. Idempotence is by
 errno and by comparing netlink attributes, never by matching messages. The
 IPv6 local route disappears when ``lo`` goes down and up and never comes back
 (egress would then silently bypass the proxy), so :meth:`PolicyRoutes.repair`
-is meant to be called periodically.
+is meant to be called periodically. :meth:`PolicyRoutes.remove` tries every
+object even after a failure and reports them all in one :class:`RouteError`.
+Callers do not use PolicyRoutes alone: :class:`interception.Installer` installs
+and removes it together with the nft table, as one unit.
 
 Netlink calls block: from trio, run them with ``trio.to_thread.run_sync``.
 """
@@ -121,7 +124,13 @@ def original_destination(sock: SocketLike) -> tuple[str, int]:
 
 
 class RouteError(OSError):
-    """Adding or removing a policy rule or route failed. ``str()`` names the object."""
+    """Adding or removing a policy rule or route failed. ``str()`` names the object.
+
+    :meth:`PolicyRoutes.remove` tries every object and raises one RouteError
+    whose ``failures`` holds each failure (one element for a single failure).
+    """
+
+    failures: tuple[OSError, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,15 +175,42 @@ class PolicyRoutes:
                 self._add(ipr, want, lo)
 
     def remove(self) -> None:
-        """Delete what :meth:`install` adds (nothing else); absent objects are fine."""
+        """Delete what :meth:`install` adds (nothing else); absent objects are fine.
+
+        Tries every object even when one fails (a partial removal is worse than
+        a slow one), then raises one :class:`RouteError` listing each failure.
+        """
+        failures: list[OSError] = []
         with self._ipr() as ipr:
             lo = self._lo_index(ipr)
             for want in _WANTED:
-                if want.kind == "rule":
-                    for priority in self._find_rules(ipr, want.family):
-                        self._tolerate(self._delete_rule, ipr, want, priority)
-                else:
-                    self._tolerate(self._delete_route, ipr, want, lo)
+                try:
+                    if want.kind == "rule":
+                        for priority in self._find_rules(ipr, want.family):
+                            self._tolerate(self._delete_rule, ipr, want, priority)
+                    else:
+                        self._tolerate(self._delete_route, ipr, want, lo)
+                except NetlinkError as exc:  # a dump failed
+                    failures.append(_error(exc, f"list {self._describe(want)}"))
+                except OSError as exc:
+                    failures.append(exc)
+        if failures:
+            first = failures[0]
+            error = RouteError(first.errno, "; ".join(_strip_errno(f) for f in failures))
+            error.failures = tuple(failures)
+            raise error
+
+    def commands(self) -> list[str]:
+        """What :meth:`install` does, as the equivalent iproute2 commands."""
+        lines = ["ip link set lo up"]
+        for want in _WANTED:
+            six, _, rest = self._describe(want).partition(" rule ")
+            if rest:
+                lines.append(f"{six} rule add {rest}")
+            else:
+                six, _, rest = self._describe(want).partition(" route ")
+                lines.append(f"{six} route add {rest}")
+        return lines
 
     def missing(self) -> list[str]:
         """What is not in place now, each as a short description (empty: all good)."""
@@ -331,6 +367,10 @@ class PolicyRoutes:
             # Already gone: ENOENT (rules, IPv6 routes) or ESRCH (IPv4 routes).
             if exc.code not in (errno.ENOENT, errno.ESRCH):
                 raise _error(exc, f"delete {self._describe(want)}") from exc
+
+
+def _strip_errno(exc: OSError) -> str:
+    return exc.strerror if exc.strerror is not None else str(exc)
 
 
 def _error(exc: NetlinkError, what: str) -> RouteError:

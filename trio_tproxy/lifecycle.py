@@ -1,41 +1,53 @@
-"""The sidecar's life: preflight, install, serve, watch, and remove on exit.
+"""The sidecar's life: preflight, arm signals, serve, install, watch, remove on exit.
 
-Order matters.  Listeners come up first (binding needs no rules), then the
-nftables table and policy routes, then the one "ready" line.  On SIGTERM or
-SIGINT (Kubernetes sends the former, a terminal the latter) the listeners and
-connections are cancelled and every rule and route this process added is
-removed, whatever happened before.
+Order matters:
+
+1. Signals first.  SIGTERM and SIGINT (Kubernetes sends the former, a terminal
+   the latter) are turned into a message to this module *before anything is
+   installed*, so a signal at any moment of start-up or shutdown ends in the
+   same place: nothing of ours left in the kernel, exit 0, one log line saying
+   which signal came.  A signal during ``apply`` lets that one ``nft``/netlink
+   step finish (threads cannot be interrupted), then removes everything.  A
+   signal during removal is absorbed: removal always runs to its end.
+2. Listeners come up (binding needs no rules).
+3. The interception installer (:mod:`.interception`) loads the table and the
+   routes, off the event loop; with ``--no-rules`` we instead wait, bounded,
+   until another process (an init container) has installed them.
+4. The one "ready:" line, at INFO.
+5. A watcher re-checks table and routes every ``route_check_interval`` seconds
+   and repairs them (``lo`` flapping deletes the IPv6 local route).
+
+A start-up failure (bad port, nft error, rules missing) removes what was
+installed and propagates as one exception: the CLI prints one line, exit 2.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import signal
+from collections.abc import AsyncIterator
+from types import FrameType
 
 import trio
 
-from . import kernel, nft, tlspolicy
-from .config import ConfigError, ProxyConfig
+from . import tlspolicy
+from .config import ProxyConfig
+from .interception import (
+    CAP_NET_ADMIN,
+    CAP_SYS_ADMIN,
+    Installer,
+    InterceptionError,
+    has_capability,
+    is_permission_error,
+)
 from .proxy import Sidecar, fmt_addr
+
+__all__ = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "has_capability", "preflight", "run"]
 
 log = logging.getLogger("trio_tproxy")
 
-CAP_NET_ADMIN = 12
-CAP_SYS_ADMIN = 21
-
-
-def has_capability(bit: int) -> bool:
-    """Whether the effective capability set has ``bit`` (read from /proc, no libcap)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-    except OSError:
-        pass
-    return os.geteuid() == 0
+#: Seconds between two checks while waiting for an init container's rules.
+RULES_POLL = 0.2
 
 
 def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
@@ -45,15 +57,7 @@ def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
     credentials = tlspolicy.load_credentials(config.tls)
     tlspolicy.client_context(credentials, config.identity, groups=config.tls_groups)  # validates
     if config.manage_rules:
-        if shutil.which("nft") is None:
-            raise ConfigError(
-                "the nft tool is not installed (Debian/Ubuntu: apt-get install nftables)"
-            )
-        if not has_capability(CAP_NET_ADMIN):
-            raise ConfigError(
-                "CAP_NET_ADMIN is missing: run as root or give the container the NET_ADMIN "
-                "capability (or pass --no-rules if an init container installs them)"
-            )
+        Installer(config.interception).preflight()
     return credentials
 
 
@@ -69,68 +73,137 @@ def describe_interception(config: ProxyConfig) -> str:
     return "; ".join(parts)
 
 
-async def watch_routes(routes: kernel.PolicyRoutes, interval: float) -> None:
-    """Re-add policy routes that vanish (the IPv6 local route does when lo flaps)."""
+async def watch(installer: Installer, interval: float) -> None:
+    """Re-check table and routes; repair what vanished, one warning line per repair."""
     while True:
         await trio.sleep(interval)
         try:
-            # netlink calls block: keep them off the event loop
-            for restored in await trio.to_thread.run_sync(routes.repair):
-                log.warning("restored %s (it had disappeared)", restored)
+            # nft and netlink calls block: keep them off the event loop
+            restored = await trio.to_thread.run_sync(installer.repair)
         except OSError as exc:
-            log.error("route check failed: %s", exc)
+            log.error("interception check failed: %s", exc)
+        else:
+            if restored:
+                log.warning("restored %s (it had disappeared or changed)", "; ".join(restored))
+
+
+async def wait_for_rules(installer: Installer, wait: float) -> str:
+    """Wait until another process has installed interception; say what was checked.
+
+    Reading the nft table needs CAP_NET_ADMIN, which a sidecar relying on an
+    init container usually lacks: then only the routes can be checked.
+    """
+    deadline = trio.current_time() + wait
+    check = installer.verify
+    checked = "rules installed by another process (table and routes verified)"
+    while True:
+        try:
+            problems = await trio.to_thread.run_sync(check)
+        except OSError as exc:
+            if check != installer.verify or not is_permission_error(exc):
+                raise
+            check = installer.routes.missing
+            checked = "rules installed by another process (routes verified; no CAP_NET_ADMIN "
+            checked += "to read the nft table)"
+            continue
+        if not problems:
+            return checked
+        if trio.current_time() >= deadline:
+            raise InterceptionError(
+                f"--no-rules: interception is not in place after {wait:g}s", problems
+            )
+        await trio.sleep(RULES_POLL)
+
+
+async def _stop_on_signal(
+    signals: AsyncIterator[int], scope: trio.CancelScope, received: list[str]
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        received.append(name)
+        log.info("%s received: shutting down", name)
+        scope.cancel()
+        return
+
+
+def _absorb_late_signal(signum: int, frame: FrameType | None) -> None:
+    # Installed before the receiver opens, so trio restores (and redelivers any
+    # queued signal to) this instead of the default action: a second SIGTERM
+    # that arrived while we were removing the rules must not kill us now.
+    log.debug("%s received while stopping: ignored", signal.Signals(signum).name)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error inside a nursery's exception group, or the group itself."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
 
 
 async def run(config: ProxyConfig, credentials: tlspolicy.Credentials) -> None:
     """Serve until SIGTERM/SIGINT; remove what we installed on the way out."""
-    ic = config.interception
+    installer = Installer(config.interception)
     sidecar = Sidecar(config, credentials)
-    tables = nft.Nft()
-    routes = kernel.PolicyRoutes(ic)
-    installed = False
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sidecar.serve)
-            if config.manage_rules:
-                installed = True
-                tables.apply(ic)
-                routes.install()
-                nursery.start_soon(watch_routes, routes, config.route_check_interval)
-            log.warning(
-                "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
-                "trust-domain=%s",
-                " ".join(fmt_addr(a) for a in sidecar.bound["egress"]),
-                " ".join(fmt_addr(a) for a in sidecar.bound["ingress"]),
-                describe_interception(config),
-                credentials.spiffe_id or "(no SPIFFE ID)",
-                config.identity.mode,
-                config.identity.trust_domain,
-            )
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.warning("%s received: shutting down", signal.Signals(signum).name)
-                    break
-            nursery.cancel_scope.cancel()
-    finally:
-        if installed:
-            _remove(tables, routes, config)
-        stats = sidecar.stats
-        log.warning(
-            "stopped: connections %s; refusals %s",
-            dict(sorted((f"{d}/{o}", n) for (d, o), n in stats.connections.items())) or "{}",
-            dict(sorted((f"{d}/{r}", n) for (d, r), n in stats.refusals.items())) or "{}",
-        )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _absorb_late_signal)
+    received: list[str] = []
+    installed = ready = False
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope, received)
+                await nursery.start(sidecar.serve)
+                if config.manage_rules:
+                    installed = True  # before apply: a failed apply may leave a table
+                    await trio.to_thread.run_sync(installer.apply)
+                    nursery.start_soon(watch, installer, config.route_check_interval)
+                    rules = describe_interception(config)
+                else:
+                    checked = await wait_for_rules(installer, config.rules_wait)
+                    rules = f"{describe_interception(config)} ({checked})"
+                log.info(
+                    "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
+                    "trust-domain=%s",
+                    " ".join(fmt_addr(a) for a in sidecar.bound["egress"]),
+                    " ".join(fmt_addr(a) for a in sidecar.bound["ingress"]),
+                    rules,
+                    credentials.spiffe_id or "(no SPIFFE ID)",
+                    config.identity.mode,
+                    config.identity.trust_domain,
+                )
+                ready = True
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        finally:
+            # A start-up failure is reported by the caller in one line: stay quiet.
+            quiet = not (ready or received)
+            if installed:
+                with trio.CancelScope(shield=True):
+                    await _remove(installer, quiet=quiet)
+            if not quiet:
+                stats = sidecar.stats
+                log.info(
+                    "stopped: connections %s; refusals %s",
+                    dict(sorted((f"{d}/{o}", n) for (d, o), n in stats.connections.items()))
+                    or "{}",
+                    dict(sorted((f"{d}/{r}", n) for (d, r), n in stats.refusals.items())) or "{}",
+                )
 
 
-def _remove(tables: nft.Nft, routes: kernel.PolicyRoutes, config: ProxyConfig) -> None:
-    """Remove rules and routes; report every failure but try everything."""
+async def _remove(installer: Installer, *, quiet: bool) -> None:
+    """Remove table and routes (off the event loop); log each failure, never raise."""
     try:
-        routes.remove()
+        await trio.to_thread.run_sync(installer.remove)
     except OSError as exc:
-        log.error("could not remove policy routes: %s", exc)
-    try:
-        tables.delete(config.interception)
-    except nft.NftError as exc:
-        log.error("could not delete nft table %s: %s", config.interception.table, exc)
+        log.error("%s", exc)
     else:
-        log.warning("removed nft table inet %s and policy routes", config.interception.table)
+        if not quiet:
+            log.info("removed nft table inet %s and policy routes", installer.ic.table)

@@ -294,7 +294,11 @@ class Nft:
 
     def apply(self, ic: Interception) -> None:
         """Create or replace the whole table, atomically."""
-        self._call(("-f", "-"), render(ic))
+        self.load(render(ic))
+
+    def load(self, text: str) -> None:
+        """Run ``text`` as one transaction (``nft -f -``): all of it or none of it."""
+        self._call(("-f", "-"), text)
 
     def delete(self, ic: Interception) -> None:
         """Delete the table; not an error if it is absent."""
