@@ -62,7 +62,7 @@ import logging
 import math
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -469,18 +469,25 @@ async def _check_loop(
     state: _State,
     fallback_interval: float,
     on_check: Callable[[Check], None] | None,
+    run_sync: Callable[[Callable[[], Sequence[str]]], Awaitable[Sequence[str]]] = (
+        trio.to_thread.run_sync
+    ),
 ) -> None:
     last_finished = trio.current_time()
     next_poll = last_finished  # the first check runs at once
-    retry_at = -math.inf
+    retry_at = math.inf
     failures = 0
     streak = 0  # consecutive checks that had to repair something
     first_check = True
     while True:
-        due = min(state.debounce.due(), next_poll)
-        if streak >= 2:  # repair after repair: someone is fighting us; space them out
-            due = max(due, last_finished + backoff(streak - 1, cap=min(1.0, fallback_interval)))
-        due = max(due, retry_at)
+        if failures:
+            # Backing off: events wait for the retry, which checks them too.
+            due = retry_at
+        else:
+            due = min(state.debounce.due(), next_poll)
+            if streak >= 2:  # repair after repair: someone is fighting us; space them out
+                pause = backoff(streak - 1, cap=min(1.0, fallback_interval))
+                due = max(due, last_finished + pause)
         if trio.current_time() < due:
             with trio.move_on_at(due):
                 await state.wake.wait()
@@ -504,7 +511,7 @@ async def _check_loop(
         try:
             # Blocking (nft processes, netlink dumps): off the event loop.  Not
             # abandoned on cancel, so cancelling waits for a repair to finish.
-            restored = tuple(await trio.to_thread.run_sync(check_and_repair))
+            restored = tuple(await run_sync(check_and_repair))
         except Exception as exc:
             failures += 1
             delay = backoff(failures)
@@ -527,7 +534,7 @@ async def _check_loop(
             else:
                 streak = 0
             failures = 0
-            retry_at = -math.inf
+            retry_at = math.inf
         next_poll = last_finished + fallback_interval
         if on_check is not None:
             on_check(Check(trigger, restored, error, first_event, started, last_finished))
