@@ -45,9 +45,11 @@ the watcher says so once and keeps the poll.
 
 Our own repairs generate events too (re-applying the table deletes and
 re-creates it in one transaction): they cause one follow-up check that finds
-nothing to do and logs nothing.  If repairs follow each other without a clean
-check in between (someone is fighting us), the checks are spaced out (up to
-one second) so two controllers cannot spin the CPU.
+nothing to do and logs nothing.  If another program keeps undoing the rules
+(:data:`FIGHT_REPAIRS` repairs within :data:`FIGHT_WINDOW` seconds, a rate no
+operator reaches by hand), the watcher says so in one error line and repairs
+at most once a second, so two controllers cannot spin the CPU or flood the
+log; it goes back to immediate repairs once left alone for FIGHT_WINDOW.
 
 Shutdown: the caller must cancel the watcher *before* removing the rules
 (run it in its own cancel scope, cancel, then remove).  A check in progress
@@ -62,6 +64,7 @@ import logging
 import math
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -69,6 +72,12 @@ from typing import Any, Final
 import trio
 
 log = logging.getLogger("trio_tproxy")
+
+#: This many repairs within FIGHT_WINDOW seconds: someone is undoing our rules.
+FIGHT_REPAIRS: Final = 10
+FIGHT_WINDOW: Final = 2.0
+#: Seconds between repairs while fighting.
+FIGHT_PAUSE: Final = 1.0
 
 # --------------------------------------------------------------------------- netlink constants
 
@@ -477,7 +486,8 @@ async def _check_loop(
     next_poll = last_finished  # the first check runs at once
     retry_at = math.inf
     failures = 0
-    streak = 0  # consecutive checks that had to repair something
+    repairs: deque[float] = deque(maxlen=FIGHT_REPAIRS)  # when the latest ones finished
+    fighting = False
     first_check = True
     while True:
         if failures:
@@ -485,9 +495,11 @@ async def _check_loop(
             due = retry_at
         else:
             due = min(state.debounce.due(), next_poll)
-            if streak >= 2:  # repair after repair: someone is fighting us; space them out
-                pause = backoff(streak - 1, cap=min(1.0, fallback_interval))
-                due = max(due, last_finished + pause)
+            if fighting and trio.current_time() - repairs[-1] >= FIGHT_WINDOW:
+                fighting = False  # left alone for a while: back to immediate repairs
+                repairs.clear()
+            if fighting:
+                due = max(due, repairs[-1] + FIGHT_PAUSE)
         if trio.current_time() < due:
             with trio.move_on_at(due):
                 await state.wake.wait()
@@ -522,7 +534,16 @@ async def _check_loop(
         else:
             last_finished = trio.current_time()
             if restored:
-                streak += 1
+                repairs.append(last_finished)
+                span = repairs[-1] - repairs[0]
+                if not fighting and len(repairs) == FIGHT_REPAIRS and span < FIGHT_WINDOW:
+                    fighting = True
+                    log.error(
+                        "the interception rules were repaired %d times in %.1f s: another "
+                        "program keeps changing them; repairing at most once a second",
+                        len(repairs),
+                        span,
+                    )
                 since = first_event if first_event is not None else started
                 log.warning(
                     "restored %s (drift: %s; repaired in %.0f ms%s)",
@@ -531,8 +552,6 @@ async def _check_loop(
                     (last_finished - since) * 1000,
                     f", after {failures} failed attempts" if failures else "",
                 )
-            else:
-                streak = 0
             failures = 0
             retry_at = math.inf
         next_poll = last_finished + fallback_interval
