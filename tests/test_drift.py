@@ -302,7 +302,9 @@ def test_loop_survives_failures_with_backoff(caplog: pytest.LogCaptureFixture) -
         state.note(["ip rule del fwmark 10 lookup 10"])
         seen = [await checks.receive() for _ in range(4)]
         assert [c.error for c in seen] == [str(boom), str(boom), "bug", None]
-        assert [c.trigger for c in seen] == ["ip rule del fwmark 10 lookup 10"] + ["retry"] * 3
+        # each retry is about the drift that failed, and so is the final warning
+        assert [c.trigger for c in seen] == ["ip rule del fwmark 10 lookup 10"] * 4
+        assert {c.first_event for c in seen} == {seen[0].first_event}
         gaps = [b.started - a.finished for a, b in zip(seen, seen[1:], strict=False)]
         assert gaps == pytest.approx([0.1, 0.2, 0.4])
         assert seen[-1].restored == ("ip rule fwmark 10",)
@@ -312,7 +314,10 @@ def test_loop_survives_failures_with_backoff(caplog: pytest.LogCaptureFixture) -
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert [level for level, _ in lines] == ["ERROR", "ERROR", "ERROR", "WARNING"]
     assert lines[0][1].endswith("nft: no answer after 30s; retrying in 0.1 s")
-    assert "after 3 failed attempts" in lines[-1][1]
+    assert lines[-1][1] == (
+        "restored ip rule fwmark 10 (drift: ip rule del fwmark 10 lookup 10; "
+        "repaired in 710 ms, after 3 failed attempts)"
+    )
 
 
 def test_loop_spaces_out_repairs_when_someone_fights_back(
@@ -644,3 +649,31 @@ def test_fallback_poll_repairs_without_notifications(caplog: pytest.LogCaptureFi
         m for m in warnings if m.startswith(f"restored nft table inet {TABLE} (drift: periodic")
     ]
     assert len(warnings) == 1
+
+
+@pytest.mark.netns
+def test_an_overrun_socket_reports_lost_notifications() -> None:
+    """The kernel's ENOBUFS, for real: a tiny receive buffer and a burst nobody reads."""
+    with namespace() as ns:
+        sock = drift.open_nft_socket(ns)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+            rules = "".join(
+                f"add rule inet {TABLE} c tcp dport {p} accept\n" for p in range(1, 300)
+            )
+            chain = f"add table inet {TABLE}\nadd chain inet {TABLE} c\n"
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+                input=chain + rules,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            events = drift.drain(sock, lambda data: drift.nft_events(data, TABLE))
+            assert drift.LOST in events
+            # and the socket goes on working afterwards
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            ip_netns(ns, "nft", "delete", "table", "inet", TABLE)
+            events = drift.drain(sock, lambda data: drift.nft_events(data, TABLE))
+            assert drift.LOST not in events
+            assert events[-1] == f"nft delete table inet {TABLE}"

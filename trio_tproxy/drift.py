@@ -360,7 +360,8 @@ def drain(sock: Any, parse: Callable[[bytes], list[str]]) -> list[str]:
 class Check:
     """One run of ``check_and_repair``, as reported to ``on_check``."""
 
-    #: What prompted it: the events seen, ``"start"``, ``"periodic check"`` or ``"retry"``.
+    #: What prompted it: the events seen, ``"start"`` or ``"periodic check"`` (a retry
+    #: after a failure repeats the failed check's trigger).
     trigger: str
     restored: tuple[str, ...] = ()
     error: str | None = None
@@ -489,6 +490,11 @@ async def _check_loop(
     repairs: deque[float] = deque(maxlen=FIGHT_REPAIRS)  # when the latest ones finished
     fighting = False
     first_check = True
+    # What a failed check was about, carried to its retry (so that the final
+    # warning names the original drift and times the repair from it).
+    carried_events: list[str] = []
+    carried_first: float | None = None
+    carried_trigger = "periodic check"
     while True:
         if failures:
             # Backing off: events wait for the retry, which checks them too.
@@ -507,13 +513,15 @@ async def _check_loop(
             continue
 
         first_event = state.debounce.take()
-        events, state.events = state.events, []
+        if carried_first is not None:
+            first_event = carried_first
+        events, state.events = carried_events + state.events, []
         if events:
             trigger = summarize(events)
         elif first_check:
             trigger = "start"
         elif failures:
-            trigger = "retry"
+            trigger = carried_trigger
         else:
             trigger = "periodic check"
         first_check = False
@@ -531,6 +539,7 @@ async def _check_loop(
             log.error("drift check failed (%s): %s; retrying in %.1f s", trigger, error, delay)
             last_finished = trio.current_time()
             retry_at = last_finished + delay
+            carried_events, carried_first, carried_trigger = events, first_event, trigger
         else:
             last_finished = trio.current_time()
             if restored:
@@ -554,6 +563,7 @@ async def _check_loop(
                 )
             failures = 0
             retry_at = math.inf
+            carried_events, carried_first = [], None
         next_poll = last_finished + fallback_interval
         if on_check is not None:
             on_check(Check(trigger, restored, error, first_event, started, last_finished))
