@@ -14,8 +14,10 @@ Order matters:
    routes, off the event loop; with ``--no-rules`` we instead wait, bounded,
    until another process (an init container) has installed them.
 4. The one "ready:" line, at INFO.
-5. A watcher re-checks table and routes every ``route_check_interval`` seconds
-   and repairs them (``lo`` flapping deletes the IPv6 local route).
+5. A watcher (:mod:`.drift`) wakes on netlink notifications (rules, routes,
+   links, nftables objects of our table), re-checks table and routes together
+   and repairs them within milliseconds, one warning line per repair; a
+   ``route_check_interval`` poll backs it up.
 
 A start-up failure (bad port, nft error, rules missing) removes what was
 installed and propagates as one exception: the CLI prints one line, exit 2.
@@ -23,6 +25,7 @@ installed and propagates as one exception: the CLI prints one line, exit 2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -30,7 +33,7 @@ from types import FrameType
 
 import trio
 
-from . import tlspolicy
+from . import drift, tlspolicy
 from .config import ProxyConfig
 from .interception import (
     CAP_NET_ADMIN,
@@ -71,20 +74,6 @@ def describe_interception(config: ProxyConfig) -> str:
     if ic.exclude_outbound_ports:
         parts.append("outbound ports excluded " + ",".join(map(str, ic.exclude_outbound_ports)))
     return "; ".join(parts)
-
-
-async def watch(installer: Installer, interval: float) -> None:
-    """Re-check table and routes; repair what vanished, one warning line per repair."""
-    while True:
-        await trio.sleep(interval)
-        try:
-            # nft and netlink calls block: keep them off the event loop
-            restored = await trio.to_thread.run_sync(installer.repair)
-        except OSError as exc:
-            log.error("interception check failed: %s", exc)
-        else:
-            if restored:
-                log.warning("restored %s (it had disappeared or changed)", "; ".join(restored))
 
 
 async def wait_for_rules(installer: Installer, wait: float) -> str:
@@ -164,7 +153,17 @@ async def run(config: ProxyConfig, credentials: tlspolicy.Credentials) -> None:
                 if config.manage_rules:
                     installed = True  # before apply: a failed apply may leave a table
                     await trio.to_thread.run_sync(installer.apply)
-                    nursery.start_soon(watch, installer, config.route_check_interval)
+                    # Cancelled with the nursery, before the removal below: a
+                    # check in flight finishes first, so no repair races it.
+                    await nursery.start(
+                        functools.partial(
+                            drift.watch,
+                            installer.repair,
+                            table=config.interception.table,
+                            route_table=config.interception.route_table,
+                            fallback_interval=config.route_check_interval,
+                        )
+                    )
                     rules = describe_interception(config)
                 else:
                     checked = await wait_for_rules(installer, config.rules_wait)
