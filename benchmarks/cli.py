@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trio_tproxy.podlab import PodLab
-from trio_tproxy.topology import sigterm_unwinds
+from lab.pods import PodLab
+from lab.topology import sigterm_unwinds
 
 from . import chart, checks, machine, procstat, pyspy, report, scenarios, speed
 from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_pki
 
+from lab.pki import make_pki
 from trio_tproxy import certs, nft
 from trio_tproxy.cli import build_parser, config_from, interception_from
 

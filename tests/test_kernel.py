@@ -1,30 +1,29 @@
 """trio_tproxy.kernel: socket options, policy routes, and interception end to end.
 
 Everything that changes routing or nftables happens in network namespaces made
-here (``tpt-<hex>``) and deleted afterwards even on failure; sockets are made
-inside them with pyroute2's ``create_socket`` (a forked child enters the
-namespace), never by moving the pytest process.
+under the session prefix (:func:`lab.netns.scratch_netns`) and deleted
+afterwards even on failure; sockets are made inside them by a helper thread
+(:func:`lab.netns.socket_in`), never by moving the pytest process. Tests that
+need root are marked ``netns``.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-import os
-import secrets
-import shutil
 import socket
 import struct
 import subprocess
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import trio
-from pyroute2 import netns as pyroute2_netns
 
+from lab.netns import next_prefix, scratch_netns, socket_in
+from lab.require import skip_or_fail
 from trio_tproxy.config import Interception
 from trio_tproxy.kernel import (
     IP_TRANSPARENT,
@@ -52,36 +51,13 @@ NOTHING = 0.3
 # --------------------------------------------------------------------------- helpers
 
 
-def require_root(*tools: str) -> None:
-    """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
-    problems = [f"{tool} is not installed" for tool in ("ip", *tools) if shutil.which(tool) is None]
-    if os.geteuid() != 0:
-        problems.append("not root: network namespaces, IP_TRANSPARENT and SO_MARK need it")
-    if problems:
-        message = "; ".join(problems)
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the kernel tests cannot run: {message}")
-        pytest.skip(message)
-
-
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
-@contextmanager
-def new_netns() -> Iterator[str]:
-    name = f"tpt-{secrets.token_hex(4)}"
-    ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    require_root()
-    with new_netns() as name:
+    with scratch_netns() as name:
         yield name
 
 
@@ -121,8 +97,8 @@ def test_constants() -> None:
         (socket.AF_INET6, socket.IPPROTO_IPV6, 75),
     ],
 )
+@pytest.mark.netns  # root: IP_TRANSPARENT needs CAP_NET_ADMIN
 def test_set_transparent(family: int, level: int, option: int) -> None:
-    require_root()
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         assert sock.getsockopt(level, option) == 0
         set_transparent(sock)
@@ -135,8 +111,8 @@ def test_set_transparent_rejects_other_families() -> None:
             set_transparent(sock)
 
 
+@pytest.mark.netns  # root: SO_MARK needs CAP_NET_ADMIN
 def test_set_mark() -> None:
-    require_root()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         set_mark(sock, 0x539)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
@@ -180,12 +156,12 @@ def test_abort_on_close_makes_peer_see_reset(abort: bool) -> None:
 
 def test_original_destination_ipv6_is_a_pair() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        skip_or_fail("no IPv6 in this Python")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         try:
             listener.bind(("::1", 0))
         except OSError as exc:
-            pytest.skip(f"no ::1 here: {exc}")
+            skip_or_fail(f"no ::1 here: {exc}")
         listener.listen(1)
         with socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT):
             accepted, _ = listener.accept()
@@ -196,13 +172,13 @@ def test_original_destination_ipv6_is_a_pair() -> None:
 
 def test_original_destination_unmaps_ipv4_mapped() -> None:
     if not socket.has_ipv6:
-        pytest.skip("no IPv6")
+        skip_or_fail("no IPv6 in this Python")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             listener.bind(("::", 0))
         except OSError as exc:
-            pytest.skip(f"no dual-stack socket here: {exc}")
+            skip_or_fail(f"no dual-stack socket here: {exc}")
         listener.listen(1)
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
@@ -337,9 +313,9 @@ def test_remove_on_a_clean_namespace_is_fine(netns: str) -> None:
     assert our_rules(netns) == our_rules(netns, six=True) == []
 
 
+@pytest.mark.netns
 def test_missing_netns_is_not_created() -> None:
-    require_root()
-    name = f"tpt-{secrets.token_hex(4)}"
+    name = next_prefix()
     with pytest.raises(FileNotFoundError):
         PolicyRoutes(Interception(), name).missing()
     assert name not in ip("netns", "list")
@@ -360,7 +336,7 @@ class Topology:
     stack: ExitStack
 
     def new_socket(self, ns: str, family: int) -> socket.socket:
-        sock: socket.socket = pyroute2_netns.create_socket(ns, family, socket.SOCK_STREAM, flags=0)
+        sock = socket_in(ns, family)
         self.stack.callback(sock.close)
         sock.settimeout(TIMEOUT)
         return sock
@@ -404,10 +380,9 @@ class Topology:
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    require_root("nft")
     with ExitStack() as stack:
-        pod = stack.enter_context(new_netns())
-        peer = stack.enter_context(new_netns())
+        pod = stack.enter_context(scratch_netns())
+        peer = stack.enter_context(scratch_netns())
         sockets = stack.enter_context(ExitStack())  # closed before the namespaces go
         ip("-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer)
         for ns, v4, v6 in ((pod, POD4, POD6), (peer, PEER4, PEER6)):

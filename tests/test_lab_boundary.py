@@ -1,0 +1,56 @@
+"""The test lab (lab/) stays out of the sidecar.
+
+``trio-tproxy run`` must import nothing of the lab (no namespace code, no
+``atexit`` hook, no SIGTERM handler of the lab's in the production process), and
+``trio-tproxy demo`` must say where the demo lives when the lab is not
+installed, as in the container image.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from trio_tproxy import cli
+
+
+def test_run_imports_nothing_of_the_lab() -> None:
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "trio_tproxy", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    # "import time: self | cumulative | <indent>module"
+    modules = [m.group(1) for m in re.finditer(r"^import time:.*\|\s*(\S+)$", out.stderr, re.M)]
+    assert "trio_tproxy.cli" in modules  # the parse is right
+    assert [m for m in modules if m.split(".")[0] == "lab"] == []
+
+
+def test_building_the_parser_leaves_sigterm_and_modules_alone() -> None:
+    probe = (
+        "import signal, sys\n"
+        "from trio_tproxy import cli\n"
+        "cli.build_parser()\n"
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,"
+        " [m for m in sys.modules if m.split('.')[0] == 'lab'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "True []\n", out.stdout + out.stderr
+
+
+def test_demo_without_the_lab_says_where_it_lives(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # None in sys.modules makes `import lab` fail as if it were not installed.
+    monkeypatch.setitem(sys.modules, "lab", None)
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "trio-tproxy demo: the demo ships with the source tree: "
+        "run `bash dev.sh demo` from a clone of the repository"
+    ]
