@@ -402,7 +402,22 @@ def test_create_and_destroy_are_quick(netns_prefix: str) -> None:
     assert done - created < 5
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt during the test, as in an interactive run.
+
+    A pytest started with SIGINT ignored (``nohup ... &`` does that) inherits
+    SIG_IGN, and Python then installs no handler of its own.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.netns
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_during_destroy_is_held_until_cleanup_is_done(
     netns_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -424,8 +439,11 @@ def test_ctrl_c_during_destroy_is_held_until_cleanup_is_done(
 
 @pytest.mark.netns
 def test_ctrl_c_in_a_program_using_the_topology_leaves_nothing(netns_prefix: str) -> None:
+    # The default handler first: a pytest started with SIGINT ignored (nohup) would
+    # pass SIG_IGN on, and the Ctrl-C below would never arrive.
     script = f"""
-import subprocess, sys, time
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from lab.topology import Topology
 with Topology(prefix={netns_prefix!r}) as topo:
     topo.popen("a", ["sleep", "600"])
