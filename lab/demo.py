@@ -22,13 +22,11 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from trio_tproxy.lifecycle import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 
-from .pods import PodLab, spiffe_id
+from .pods import PodLab, spiffe_id, work_directory
 from .topology import sigterm_unwinds
 
 HTTP_PORT = 8080
@@ -66,20 +64,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if problems:
         print(f"trio-tproxy demo: {problems[0]}", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-demo-"))
-    sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
-    started = time.monotonic()
-    try:
-        with PodLab(workdir) as lab:
-            return _demo(lab, started)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything was torn down")
-        return 130
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with work_directory("trio-tproxy-demo-", keep=args.keep) as workdir:
+        sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
+        started = time.monotonic()
+        try:
+            with PodLab(workdir) as lab:
+                return _demo(lab, started)
+        except KeyboardInterrupt:
+            print("\ninterrupted: everything was torn down")
+            return 130
 
 
 def _step(text: str) -> None:

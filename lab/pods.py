@@ -16,14 +16,15 @@ to app B through both sidecars as a *transport* for the relay property
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,15 @@ from .netns import socket_in
 from .pki import TRUST_DOMAIN
 from .topology import Host, Topology
 
-__all__ = ["NAMESPACE", "TRUST_DOMAIN", "PodLab", "Pods", "Sidecar", "spiffe_id"]
+__all__ = [
+    "NAMESPACE",
+    "TRUST_DOMAIN",
+    "PodLab",
+    "Pods",
+    "Sidecar",
+    "spiffe_id",
+    "work_directory",
+]
 
 #: The Kubernetes namespace the pods' service accounts are in.
 NAMESPACE = "demo"
@@ -46,6 +55,19 @@ NAMESPACE = "demo"
 def spiffe_id(name: str) -> str:
     """The SPIFFE ID of pod ``name``'s certificate."""
     return pki.spiffe_id(name, NAMESPACE)
+
+
+@contextmanager
+def work_directory(prefix: str, *, keep: bool = False) -> Iterator[Path]:
+    """A fresh directory for a PodLab's keys and logs: removed on exit, or kept and named."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"work directory kept: {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
