@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lab.pki import make_pki
+from lab.require import skip_or_fail
 from trio_tproxy import certs, nft
 from trio_tproxy.cli import build_parser, config_from, interception_from
 
@@ -205,8 +205,8 @@ def test_demo_refuses_politely_without_root():
         text=True,
         timeout=60,
     )
-    if out.returncode != 0 and "setpriv" in out.stderr and os.environ.get("CI") != "true":
-        pytest.skip("cannot drop privileges here (not root)")
+    if out.returncode != 0 and "setpriv" in out.stderr:
+        skip_or_fail(f"cannot drop privileges here: {out.stderr.strip()}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "trio-tproxy demo: the demo needs root: it creates network namespaces and nftables "
