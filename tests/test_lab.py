@@ -1,9 +1,10 @@
-"""The test lab (lab/) stays out of the sidecar.
+"""The test lab (lab/): it stays out of the sidecar, and its skip-or-fail rule holds.
 
 ``trio-tproxy run`` must import nothing of the lab (no namespace code, no
 ``atexit`` hook, no SIGTERM handler of the lab's in the production process), and
 ``trio-tproxy demo`` must say where the demo lives when the lab is not
-installed, as in the container image.
+installed, as in the container image. A test that cannot run here skips, except
+under CI=true, where it fails.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 import pytest
 
+from lab.require import skip_or_fail
 from trio_tproxy import cli
 
 
@@ -54,3 +56,17 @@ def test_demo_without_the_lab_says_where_it_lives(
         "trio-tproxy demo: the demo ships with the source tree: "
         "run `bash dev.sh demo` from a clone of the repository"
     ]
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), (None, pytest.skip.Exception)]
+)
+def test_skip_or_fail_skips_except_under_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str | None, outcome: type[BaseException]
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="no frobnicator here"):
+        skip_or_fail("no frobnicator here")
