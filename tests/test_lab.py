@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from lab.netns import RUN_PREFIX, leftovers, scratch_netns
 from lab.require import skip_or_fail
 from trio_tproxy import cli
 
@@ -72,3 +73,12 @@ def test_skip_or_fail_skips_except_under_ci(
     with pytest.raises(BaseException, match="no frobnicator here") as info:
         skip_or_fail("no frobnicator here")
     assert info.type is outcome
+
+
+@pytest.mark.netns
+def test_scratch_netns_is_under_the_session_prefix_and_removed() -> None:
+    """So that the session's final leak check (tests/conftest.py) covers it."""
+    with scratch_netns() as name:
+        assert name.startswith(f"{RUN_PREFIX}-")
+        assert leftovers(name) == [name]
+    assert leftovers(name) == []
