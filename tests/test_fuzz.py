@@ -66,21 +66,17 @@ def test_long_campaign_entry_point_runs_reports_and_cleans_up(tmp_path):
 
 def test_campaign_ended_by_sigterm_removes_its_keys(tmp_path):
     argv, env = campaign(tmp_path, "--minutes", "5")
-    proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("tpt-fuzz-*/*.key")):  # the campaign is under way
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the campaign never wrote its keys"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, out + err
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob("tpt-fuzz-*/*.key")):  # the campaign is under way
+                assert proc.poll() is None, "the campaign ended before writing its keys"
+                assert time.monotonic() < deadline, "the campaign never wrote its keys"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # nothing to do if it has ended; leaving the block reaps it
+    assert proc.returncode == 130, out
     assert "stopped by SIGTERM" in out
     assert list(tmp_path.iterdir()) == []
