@@ -4,6 +4,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables iproute2 \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Only the runtime package: the test lab (lab/, tests/, fuzz/, benchmarks/) stays out
+# of the image (.dockerignore too), and `trio-tproxy demo` says where it lives instead.
 COPY pyproject.toml README.md ./
 COPY trio_tproxy ./trio_tproxy
 RUN pip install --no-cache-dir . && rm -rf /src

@@ -18,14 +18,13 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trio_tproxy.podlab import PodLab
-from trio_tproxy.topology import sigterm_unwinds
+from lab.pods import PodLab, work_directory
+from lab.topology import sigterm_unwinds
 
 from . import chart, checks, machine, procstat, pyspy, report, scenarios, speed
 from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port
@@ -135,22 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every process
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-bench-"))
     started = time.monotonic()
-    try:
-        with PodLab(workdir) as lab:
-            document = run(lab, args, stamp, started)
-    except KeyboardInterrupt:
-        print("\ninterrupted: namespaces and processes removed", file=sys.stderr)
-        return 130
-    except scenarios.LoadgenError as exc:
-        print(f"benchmarks: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with work_directory("trio-tproxy-bench-", keep=args.keep) as workdir:
+        try:
+            with PodLab(workdir) as lab:
+                document = run(lab, args, stamp, started)
+        except KeyboardInterrupt:
+            print("\ninterrupted: namespaces and processes removed", file=sys.stderr)
+            return 130
+        except scenarios.LoadgenError as exc:
+            print(f"benchmarks: {exc}", file=sys.stderr)
+            return 1
     finish(document, args, stamp, time.monotonic() - started)
     return 1 if document["warnings"] else 0
 

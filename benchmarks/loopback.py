@@ -39,19 +39,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int) -> None:
-    """Child: sidecar A listens (egress) on in_port; B's ingress dials out_port."""
+def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int, pki: Path) -> None:
+    """Child: sidecar A listens (egress) on in_port; B's ingress dials out_port.
+
+    Its certificates go into ``pki``, a directory the parent removes (the child
+    is killed, so it could not)."""
     import trio
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-    from helpers import make_pki
-
+    from lab.pki import make_pki
     from trio_tproxy import tlspolicy
     from trio_tproxy.config import Interception, ProxyConfig
     from trio_tproxy.plainstream import PlainStream
     from trio_tproxy.proxy import Sidecar
 
-    files = make_pki(Path(tempfile.mkdtemp(prefix="tpt-bench-")))
+    files = make_pki(pki)
 
     def make(name: str, tcp: int, tls: int, **kw: object) -> Sidecar:
         config = ProxyConfig(
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     sink = socket.create_server(("127.0.0.1", 0), backlog=128)
     out_port = sink.getsockname()[1]
     in_port = _free_port()
-    ready = Path(tempfile.mktemp(prefix="tpt-bench-ready-"))
+    workdir = tempfile.TemporaryDirectory(prefix="tpt-bench-")
+    ready = Path(workdir.name) / "ready"
     child = subprocess.Popen(
         [
             sys.executable,
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             str(out_port),
             str(ready),
             str(args.session_cache),
+            workdir.name,
         ]
     )
     spy = None
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         child.kill()
         child.wait()
         sink.close()
-        ready.unlink(missing_ok=True)
+        workdir.cleanup()
 
 
 def _serve(sink: socket.socket, mode: object) -> None:
@@ -226,7 +229,13 @@ def _conns(port: int, pid: int, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sidecars(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
+        sidecars(
+            int(sys.argv[2]),
+            int(sys.argv[3]),
+            Path(sys.argv[4]),
+            int(sys.argv[5]),
+            Path(sys.argv[6]),
+        )
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loopback")
     parser.add_argument("--mib", type=int, default=512, help="bulk: MiB one way (default)")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from trio_tproxy.podlab import PodLab
+from lab.pods import PodLab
 
 from . import configs
 

@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lab import apps
+
 from . import procstat
 from .proxies import Proxy
 
-LOADGEN = Path(__file__).with_name("loadgen.py")
+#: The load generators and app server (lab/apps.py), run by path: no package import at start.
+LOADGEN = Path(apps.__file__)
 RR_SIZE = 64
-RR_WARMUP = 100  # round trips loadgen.py makes before it starts timing
+RR_WARMUP = 100  # round trips lab/apps.py makes before it starts timing
 CONCURRENCY = 8
 Result = dict[str, Any]
 

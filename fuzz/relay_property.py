@@ -8,20 +8,21 @@ A script is a list of actions drawn by hypothesis (which shrinks a failing
 one to a minimal script): send k bytes from either end, half-close from either
 end, abort from either end, pause.  The script runs against any *transport*:
 an async factory giving two connected app ends.  ``tests/test_fuzz.py`` uses
-the loopback relay chain; the netns suite uses the real kernel path
-(app A -> sidecar A -> sidecar B -> app B).
+the loopback relay chain (``lab.chain.loopback_transport``); the netns suite
+uses the real kernel path (``lab.pods.Pods``: app A -> sidecar A -> sidecar B
+-> app B).
 """
 
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
 from hypothesis import strategies as st
+
+from lab.chain import Transport, abort_socket_stream
 
 END = ("client", "server")
 
@@ -40,9 +41,9 @@ actions = st.one_of(
 )
 scripts = st.lists(actions, min_size=1, max_size=12)
 
-#: A transport: ``async with transport() as (client, server): ...``; on exit it
-#: checks that everything it set up for the connection was closed.
-Transport = Callable[[], AbstractAsyncContextManager[tuple[trio.SocketStream, trio.SocketStream]]]
+# A transport (lab.chain.Transport): ``async with transport() as (client, server): ...``;
+# on exit it checks that everything it set up for the connection was closed.
+# lab.chain.loopback_transport and lab.pods.Pods.transport are the two.
 
 
 @dataclass
@@ -66,11 +67,6 @@ class End:
             self.read_end = "closed" if isinstance(exc, trio.ClosedResourceError) else "reset"
         finally:
             self.done.set()
-
-
-async def _abort(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-    await stream.aclose()
 
 
 async def run_script(script: list[Action], transport: Transport, *, bound: float = 10.0) -> None:
@@ -102,7 +98,7 @@ async def run_script(script: list[Action], transport: Transport, *, bound: float
                     await end.stream.send_eof()
                     end.eof_sent = True
                 elif kind == "abort":
-                    await _abort(end.stream)
+                    await abort_socket_stream(end.stream)
                     end.aborted = True
                     aborted_by = aborted_by or who
 

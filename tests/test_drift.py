@@ -22,8 +22,8 @@ from contextlib import contextmanager
 import pytest
 import trio
 import trio.testing
-from conftest import next_prefix
 
+from lab.netns import next_prefix
 from trio_tproxy import drift
 from trio_tproxy.config import Interception
 from trio_tproxy.kernel import PolicyRoutes
@@ -396,9 +396,16 @@ def test_watch_without_notifications_polls(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_reader_without_permission_lets_the_watcher_start_on_the_poll(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opened = 0
+
+    async def inline(fn: Callable[[], socket.socket]) -> socket.socket:
+        # inline, not in a thread: MockClock's autojump would fire while a thread runs
+        await trio.lowlevel.checkpoint()
+        return fn()
+
+    monkeypatch.setattr(drift.trio.to_thread, "run_sync", inline)
 
     def refuse() -> socket.socket:
         nonlocal opened

@@ -6,14 +6,20 @@ A bounded campaign runs here; `python -m fuzz.campaign --minutes N` runs long on
 from __future__ import annotations
 
 import os
-from contextlib import asynccontextmanager
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import trio
-from helpers import chain, contexts, is_closed, make_pki, open_fds
 from hypothesis import HealthCheck, given, settings
 
 from fuzz.relay_property import run_script, scripts
+from lab.chain import contexts, loopback_transport, open_fds
+from lab.pki import make_pki
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 
@@ -22,18 +28,6 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
 def pki(tmp_path_factory):
     files = make_pki(tmp_path_factory.mktemp("pki"))
     return contexts(files["a"]), contexts(files["b"])
-
-
-def loopback_transport(a, b):
-    @asynccontextmanager
-    async def transport():
-        async with chain(a, b, half_close_timeout=30) as ch:
-            yield ch.client, ch.server
-        # The property's last clause: both relays closed both legs.
-        assert len(ch.results) == 2, "a relay did not finish within the bound"
-        assert all(is_closed(leg) for leg in ch.legs), "a relay leg was left open"
-
-    return transport
 
 
 @settings(
@@ -53,18 +47,36 @@ def test_relay_chain_keeps_half_close_and_reset(pki, script):
     assert open_fds() <= before, "file descriptors leaked"
 
 
-def test_long_campaign_entry_point_runs_and_reports():
-    """`python -m fuzz.campaign` (the long-campaign tool) runs, prints its seed and a count."""
-    import re
-    import subprocess
-    import sys
+def campaign(tmp: Path, *flags: str) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of ``python -m fuzz.campaign``, its temporary files in ``tmp``."""
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    return [sys.executable, "-m", "fuzz.campaign", *flags], env
 
-    out = subprocess.run(
-        [sys.executable, "-m", "fuzz.campaign", "--minutes", "0.05", "--seed", "7"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+def test_long_campaign_entry_point_runs_reports_and_cleans_up(tmp_path):
+    """`python -m fuzz.campaign` (the long-campaign tool) runs, prints its seed and a count,
+    and leaves nothing in the temporary directory (its CA and keys were there)."""
+    argv, env = campaign(tmp_path, "--minutes", "0.05", "--seed", "7")
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "seed 7" in out.stdout
     assert re.search(r"passed: [1-9]\d* scripts", out.stdout), out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_campaign_ended_by_sigterm_removes_its_keys(tmp_path):
+    argv, env = campaign(tmp_path, "--minutes", "5")
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob("tpt-fuzz-*/*.key")):  # the campaign is under way
+                assert proc.poll() is None, "the campaign ended before writing its keys"
+                assert time.monotonic() < deadline, "the campaign never wrote its keys"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # nothing to do if it has ended; leaving the block reaps it
+    assert proc.returncode == 130, out
+    assert "stopped by SIGTERM" in out
+    assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,10 @@
 """trio_tproxy.kernel: socket options, policy routes, and interception end to end.
 
 Everything that changes routing or nftables happens in network namespaces made
-here (``tpt-<hex>``) and deleted afterwards even on failure; sockets are made
-inside them with pyroute2's ``create_socket`` (a forked child enters the
-namespace), never by moving the pytest process.
+under the session prefix (:func:`lab.netns.scratch_netns`) and deleted
+afterwards even on failure; sockets are made inside them by a helper thread
+(:func:`lab.netns.socket_in`), never by moving the pytest process. Tests that
+need root are marked ``netns``.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from conftest import next_prefix
-from pyroute2 import netns as pyroute2_netns
 
+from lab.netns import next_prefix, scratch_netns, socket_in
+from lab.require import skip_or_fail
 from trio_tproxy.config import Interception
 from trio_tproxy.interception import Installer
 from trio_tproxy.kernel import (
@@ -57,41 +58,13 @@ NOTHING = 0.3
 # --------------------------------------------------------------------------- helpers
 
 
-def require_root(*tools: str) -> None:
-    """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
-    problems = [f"{tool} is not installed" for tool in ("ip", *tools) if shutil.which(tool) is None]
-    if os.geteuid() != 0:
-        problems.append("not root: network namespaces, IP_TRANSPARENT and SO_MARK need it")
-    if problems:
-        unavailable("; ".join(problems))
-
-
-def unavailable(message: str) -> None:
-    """Skip: this machine cannot run the test. Under CI=true, fail instead, saying why."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but the kernel tests cannot run: {message}", pytrace=False)
-    pytest.skip(message)
-
-
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
-@contextmanager
-def new_netns() -> Iterator[str]:
-    # Under the session prefix: the session's final check sees any leak.
-    name = next_prefix()
-    ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    require_root()
-    with new_netns() as name:
+    with scratch_netns() as name:
         yield name
 
 
@@ -132,8 +105,8 @@ def test_constants() -> None:
         (socket.AF_INET6, socket.IPPROTO_IPV6, 75),
     ],
 )
+@pytest.mark.netns  # root: IP_TRANSPARENT needs CAP_NET_ADMIN
 def test_set_transparent(family: int, level: int, option: int) -> None:
-    require_root()
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         assert sock.getsockopt(level, option) == 0
         set_transparent(sock)
@@ -146,9 +119,8 @@ def test_set_transparent_rejects_other_families() -> None:
             set_transparent(sock)
 
 
-@pytest.mark.netns
+@pytest.mark.netns  # root: SO_MARK needs CAP_NET_ADMIN
 def test_set_mark() -> None:
-    require_root()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         set_mark(sock, 0x539)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x539
@@ -192,12 +164,12 @@ def test_abort_on_close_makes_peer_see_reset(abort: bool) -> None:
 
 def test_original_destination_ipv6_is_a_pair() -> None:
     if not socket.has_ipv6:
-        unavailable("no IPv6")
+        skip_or_fail("no IPv6 in this Python")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         try:
             listener.bind(("::1", 0))
         except OSError as exc:
-            unavailable(f"no ::1 here: {exc}")
+            skip_or_fail(f"no ::1 here: {exc}")
         listener.listen(1)
         with socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT):
             accepted, _ = listener.accept()
@@ -208,13 +180,13 @@ def test_original_destination_ipv6_is_a_pair() -> None:
 
 def test_original_destination_unmaps_ipv4_mapped() -> None:
     if not socket.has_ipv6:
-        unavailable("no IPv6")
+        skip_or_fail("no IPv6 in this Python")
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         try:
             listener.bind(("::", 0))
         except OSError as exc:
-            unavailable(f"no dual-stack socket here: {exc}")
+            skip_or_fail(f"no dual-stack socket here: {exc}")
         listener.listen(1)
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
@@ -351,8 +323,7 @@ def test_remove_on_a_clean_namespace_is_fine(netns: str) -> None:
 
 @pytest.mark.netns
 def test_missing_netns_is_not_created() -> None:
-    require_root()
-    name = next_prefix()  # never created; if it were, the session check would see it
+    name = next_prefix()
     with pytest.raises(FileNotFoundError):
         PolicyRoutes(Interception(), name).missing()
     assert name not in ip("netns", "list")
@@ -373,7 +344,7 @@ class Topology:
     stack: ExitStack
 
     def new_socket(self, ns: str, family: int) -> socket.socket:
-        sock: socket.socket = pyroute2_netns.create_socket(ns, family, socket.SOCK_STREAM, flags=0)
+        sock = socket_in(ns, family)
         self.stack.callback(sock.close)
         sock.settimeout(TIMEOUT)
         return sock
@@ -416,10 +387,9 @@ class Topology:
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    require_root("nft")
     with ExitStack() as stack:
-        pod = stack.enter_context(new_netns())
-        peer = stack.enter_context(new_netns())
+        pod = stack.enter_context(scratch_netns())
+        peer = stack.enter_context(scratch_netns())
         sockets = stack.enter_context(ExitStack())  # closed before the namespaces go
         ip("-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer)
         for ns, v4, v6 in ((pod, POD4, POD6), (peer, PEER4, PEER6)):
@@ -685,7 +655,6 @@ def test_remove_tries_every_step_and_names_each_failure() -> None:
     """In a namespace that does not exist both steps fail: both are reported."""
     from trio_tproxy.interception import InterceptionError
 
-    require_root("nft")
     installer = Installer(Interception(), next_prefix())  # never created
     with pytest.raises(InterceptionError) as info:
         installer.remove()
@@ -764,11 +733,11 @@ class SidecarRun:
 
 @pytest.fixture
 def sidecar(netns: str, tmp_path: Path) -> Iterator[Callable[..., SidecarRun]]:
-    from helpers import make_pki
+    from lab.pki import make_pki
 
     real = shutil.which("nft")
     if real is None:
-        unavailable("nft is not installed")
+        skip_or_fail("nft is not installed")
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "nft").write_text(SLOW_NFT.replace("REAL_NFT", real))
@@ -913,9 +882,7 @@ def test_port_in_use_is_a_usage_error_and_installs_nothing(
     netns: str, sidecar: Callable[..., SidecarRun]
 ) -> None:
     """An OSError at start-up (here EADDRINUSE) exits 2 with one line, like every user error."""
-    busy: socket.socket = pyroute2_netns.create_socket(
-        netns, socket.AF_INET, socket.SOCK_STREAM, flags=0
-    )
+    busy = socket_in(netns, socket.AF_INET)
     with busy:
         busy.bind(("127.0.0.1", 15001))
         busy.listen(1)
@@ -934,7 +901,7 @@ def test_no_rules_without_cap_net_admin_checks_the_routes(
 ) -> None:
     """Reading the nft table needs CAP_NET_ADMIN: without it, the routes are what is checked."""
     if shutil.which("setpriv") is None:
-        unavailable("setpriv (util-linux) is not installed")
+        skip_or_fail("setpriv (util-linux) is not installed")
     init = Installer(Interception(), netns)
     init.apply()
     try:

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import next_prefix
-from netns_pods import Pods, probe
 
 from fuzz.relay_property import run_script, scripts
-from trio_tproxy.podlab import PodLab, spiffe_id
+from lab.netns import next_prefix, probe
+from lab.pods import PodLab, Pods, spiffe_id
 
 pytestmark = pytest.mark.netns
 
@@ -57,12 +56,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
         lab.start_sidecar("a")
         lab.start_sidecar("b")
         py = sys.executable
-        lab.start_app("b", py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO)
-        lab.start_app(
-            "b", py, "-m", "trio_tproxy.apps", "halfclose-server", str(HALFCLOSE), port=HALFCLOSE
-        )
+        lab.start_app("b", py, "-m", "lab.apps", "echo-server", str(ECHO), port=ECHO)
+        lab.start_app("b", py, "-m", "lab.apps", "halfclose-server", str(HALFCLOSE), port=HALFCLOSE)
         lab.start_app("b", py, "-m", "http.server", str(HTTP), "--bind", "::", port=HTTP)
-        lab.start_app("outside", py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO)
+        lab.start_app("outside", py, "-m", "lab.apps", "echo-server", str(ECHO), port=ECHO)
         yield lab
 
 
@@ -317,9 +314,7 @@ def kernel_state(lab: PodLab, pod: str) -> dict[str, str]:
 
 def test_h_lifecycle_sigterm_sigkill_and_lo_flap(tmp_path):
     with PodLab(tmp_path, prefix=next_prefix()) as lab:
-        lab.start_app(
-            "b", sys.executable, "-m", "trio_tproxy.apps", "echo-server", str(ECHO), port=ECHO
-        )
+        lab.start_app("b", sys.executable, "-m", "lab.apps", "echo-server", str(ECHO), port=ECHO)
         lab.start_sidecar("b")
         lab.start_sidecar("a")
         state = kernel_state(lab, "a")

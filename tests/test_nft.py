@@ -1,7 +1,8 @@
 """trio_tproxy.nft: golden renderings, nft --check, the runner, error classification.
 
-Rendering tests need nothing. Tests that run nft do it inside a network
-namespace of their own (``tpt-<hex>``), deleted afterwards even on failure.
+Rendering tests need nothing. Tests that run nft are marked ``netns`` and do it
+inside a network namespace of their own, named under the session prefix
+(:func:`lab.netns.scratch_netns`) and deleted afterwards even on failure.
 Regenerate the golden files with ``UPDATE_GOLDEN=1`` and review the diff.
 """
 
@@ -17,8 +18,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import next_prefix
 
+from lab.netns import next_prefix, scratch_netns
+from lab.require import skip_or_fail
 from trio_tproxy.config import Interception
 from trio_tproxy.interception import Installer, fingerprint, transaction
 from trio_tproxy.nft import (
@@ -65,56 +67,17 @@ CONFIGS: dict[str, Interception] = {
 # --------------------------------------------------------------------------- helpers
 
 
-def require_root_and_nft() -> None:
-    """Skip, or in CI (CI=true) fail, when the kernel tests cannot run here."""
-    problems = []
-    if shutil.which("nft") is None:
-        problems.append("nft is not installed (apt-get install nftables)")
-    if shutil.which("ip") is None:
-        problems.append("ip is not installed (apt-get install iproute2)")
-    if os.geteuid() != 0:
-        problems.append("not root: network namespaces and nft need CAP_SYS_ADMIN/CAP_NET_ADMIN")
-    if problems:
-        unavailable("; ".join(problems))
-
-
-def unavailable(message: str) -> None:
-    """Skip: this machine cannot run the test. Under CI=true, fail instead, saying why."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but the nft tests cannot run: {message}", pytrace=False)
-    pytest.skip(message)
-
-
-def _new_netns() -> str:
-    # Under the session prefix: the session's final check sees any leak.
-    name = next_prefix()
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    return name
-
-
-def _delete_netns(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def check_ns() -> Iterator[str]:
     """One namespace for the --check tests (they never change it)."""
-    require_root_and_nft()
-    name = _new_netns()
-    try:
+    with scratch_netns() as name:
         yield name
-    finally:
-        _delete_netns(name)
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    require_root_and_nft()
-    name = _new_netns()
-    try:
+    with scratch_netns() as name:
         yield name
-    finally:
-        _delete_netns(name)
 
 
 class FakeRunner:
@@ -515,7 +478,7 @@ def test_apply_replaces_table_left_by_crashed_run(netns: str) -> None:
 def test_real_permission_error_is_classified(netns: str, who: str) -> None:
     """Without CAP_NET_ADMIN, both ``ip netns exec`` and nft itself fail as PERMISSION."""
     if shutil.which("setpriv") is None:
-        unavailable("setpriv (util-linux) is not installed")
+        skip_or_fail("setpriv (util-linux) is not installed")
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
     def unprivileged(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
@@ -533,8 +496,7 @@ def test_real_permission_error_is_classified(netns: str, who: str) -> None:
 
 @pytest.mark.netns
 def test_missing_netns_is_a_failure_not_an_absent_table() -> None:
-    require_root_and_nft()
-    name = next_prefix()  # never created
+    name = next_prefix()
     with pytest.raises(NftError) as info:
         Nft(netns=name).list_table(Interception())
     assert info.value.kind is NftErrorKind.FAILED

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from helpers import abort_socket_stream, expect_reset, make_pki, read_to_eof, spiffe, tls_pair
 
-from trio_tproxy import certs, tlspolicy
+from lab.chain import abort_socket_stream, contexts, expect_reset, read_to_eof, tls_pair
+from lab.pki import PKI, make_pki, spiffe_id
+from trio_tproxy import tlspolicy
 from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
 from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.proxy import Sidecar
@@ -131,22 +132,19 @@ def test_mtls_round_trip_logs_both_identities(pki, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "trio_tproxy.conn"]
     egress = next(line for line in lines if line.startswith("egress"))
     ingress = next(line for line in lines if line.startswith("ingress"))
-    assert f"peer={spiffe('b')}" in egress and "TLSv1.3" in egress and "outcome=ok" in egress
-    assert f"peer={spiffe('a')}" in ingress and "sent=18 received=18" in ingress
+    assert f"peer={spiffe_id('b')}" in egress and "TLSv1.3" in egress and "outcome=ok" in egress
+    assert f"peer={spiffe_id('a')}" in ingress and "sent=18 received=18" in ingress
 
 
 def test_server_of_another_trust_domain_is_refused(pki, tmp_path, caplog):
     # B's certificate comes from a second CA, in trust domain evil.org.
-    ca = certs.make_ca()
-    certs.write_cert(tmp_path / "ca2.crt", ca[0])
-    evil_cert, evil_key = certs.issue(ca[0], ca[1], spiffe_ids=["spiffe://evil.org/ns/x/sa/b"])
-    certs.write_cert(tmp_path / "evil.crt", evil_cert)
-    certs.write_key(tmp_path / "evil.key", evil_key)
+    ca2 = PKI(tmp_path, "ca2")
+    evil = ca2.issue("evil", spiffe_ids=["spiffe://evil.org/ns/x/sa/b"])
     # A trusts both CAs so that only the identity check can refuse.
     bundle = tmp_path / "bundle.crt"
-    bundle.write_bytes(pki["a"].ca_cert.read_bytes() + (tmp_path / "ca2.crt").read_bytes())
+    bundle.write_bytes(pki["a"].ca_cert.read_bytes() + ca2.ca_path.read_bytes())
     a_files = replace(pki["a"], ca_cert=bundle)
-    evil_files = TLSFiles(tmp_path / "evil.crt", tmp_path / "evil.key", bundle)
+    evil_files = replace(evil, ca_cert=bundle)
 
     async def main():
         async with (
@@ -285,15 +283,14 @@ def test_app_reset_reaches_remote_app_as_reset(pki):
 
 def test_tls_pair_helper_verifies_identities(pki):
     """The helper used by the relay tests really runs mutual TLS."""
-    from helpers import contexts
 
     async def main():
         a, b = contexts(pki["a"]), contexts(pki["b"])
         client, server = await tls_pair(a.client, b.server)
         assert tlspolicy.verify_server(
             client.conn, IdentityPolicy(), "127.0.0.1"
-        ).spiffe_id == spiffe("b")
-        assert tlspolicy.verify_client(server.conn, IdentityPolicy()).spiffe_id == spiffe("a")
+        ).spiffe_id == spiffe_id("b")
+        assert tlspolicy.verify_client(server.conn, IdentityPolicy()).spiffe_id == spiffe_id("a")
         await client.aclose()
         await server.aclose()
 
@@ -330,8 +327,8 @@ def test_second_connection_resumes_the_tls_session(pki, caplog):
     ]
     assert "handshake=full" in egress[0]
     assert all("handshake=resumed" in line for line in egress[1:]), egress
-    assert all(f"peer={spiffe('b')}" in line for line in egress)
-    assert all(f"peer={spiffe('a')}" in line for line in ingress)
+    assert all(f"peer={spiffe_id('b')}" in line for line in egress)
+    assert all(f"peer={spiffe_id('a')}" in line for line in ingress)
 
 
 def test_classic_key_exchange_groups_interoperate(pki):

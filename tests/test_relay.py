@@ -12,20 +12,20 @@ import socket
 
 import pytest
 import trio
-from helpers import (
+
+from lab.chain import (
     Contexts,
     abort_socket_stream,
     chain,
     contexts,
     expect_reset,
     is_closed,
-    make_pki,
     open_fds,
     read_to_eof,
     tcp_pair,
     tls_pair,
 )
-
+from lab.pki import make_pki
 from trio_tproxy.relay import relay
 from trio_tproxy.tlsstream import ConnectionReset, TruncatedError
 

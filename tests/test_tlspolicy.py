@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
+import lab.pki
 from trio_tproxy import certs
 from trio_tproxy.config import ConfigError, IdentityPolicy, TLSFiles
 from trio_tproxy.identity import IdentityError
+from trio_tproxy.kernel import set_abort_on_close
 from trio_tproxy.tlspolicy import (
     Credentials,
     PeerIdentity,
@@ -56,41 +57,22 @@ DB = "spiffe://cluster.local/ns/default/sa/db"
 # --- certificates in tmp_path ---------------------------------------------------------
 
 
-class PKI:
-    """A CA in a directory, issuing credentials through the real file loaders."""
+class PKI(lab.pki.PKI):
+    """The lab's CA, issuing credentials through the real file loaders."""
 
-    def __init__(self, root: Path, name: str = "ca") -> None:
-        self.root = root
-        self.cert, self.key = certs.make_ca(f"{name} CA")
-        self.ca_path = root / f"{name}.crt"
-        certs.write_cert(self.ca_path, self.cert)
-
-    def creds(
-        self,
-        name: str,
-        *,
-        trust: PKI | None = None,
-        now: dt.datetime | None = None,
-        **issue: Any,
-    ) -> Credentials:
-        cert, key = certs.issue(self.cert, self.key, **issue)
-        certs.write_cert(self.root / f"{name}.crt", cert)
-        certs.write_key(self.root / f"{name}.key", key)
-        files = TLSFiles(
-            self.root / f"{name}.crt", self.root / f"{name}.key", (trust or self).ca_path
-        )
+    def creds(self, name: str, *, now: dt.datetime | None = None, **issue: Any) -> Credentials:
         # `now` lets a test load an expired certificate to offer it to a peer.
-        return load_credentials(files, now=now)
+        return load_credentials(self.issue(name, **issue), now=now)
 
 
 @pytest.fixture
 def pki(tmp_path: Path) -> PKI:
-    return PKI(tmp_path)
+    return PKI(tmp_path, common_name="ca CA")
 
 
 @pytest.fixture
 def other_pki(tmp_path: Path) -> PKI:
-    return PKI(tmp_path, "other")
+    return PKI(tmp_path, "other", common_name="other CA")
 
 
 # --- driving two connections --------------------------------------------------------------
@@ -181,8 +163,8 @@ def run_pair(
         if client_ctx is None:
             if raw:
                 sock.sendall(raw)
-            if reset:  # SO_LINGER 0: close() sends RST instead of FIN
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if reset:  # close() sends RST instead of FIN
+                set_abort_on_close(sock)
             else:
                 time.sleep(0.1)  # let the server read before the FIN
             sock.close()

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from trio_tproxy import topology as topology_module
+from lab.netns import leftovers
+from lab.topology import NODE, Host, Topology, TopologyError, _listens
 from trio_tproxy.config import DEFAULT_INTERCEPT_CIDRS
-from trio_tproxy.topology import NODE, Host, Topology, TopologyError, _listens, leftovers
 
 KINDS = ("ip4", "ip4_plain", "ip6", "ip6_plain")
 ECHO_PORT = 7070
@@ -402,7 +402,22 @@ def test_create_and_destroy_are_quick(netns_prefix: str) -> None:
     assert done - created < 5
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt during the test, as in an interactive run.
+
+    A pytest started with SIGINT ignored (``nohup ... &`` does that) inherits
+    SIG_IGN, and Python then installs no handler of its own.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.netns
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_during_destroy_is_held_until_cleanup_is_done(
     netns_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -424,18 +439,19 @@ def test_ctrl_c_during_destroy_is_held_until_cleanup_is_done(
 
 @pytest.mark.netns
 def test_ctrl_c_in_a_program_using_the_topology_leaves_nothing(netns_prefix: str) -> None:
+    # The default handler first: a pytest started with SIGINT ignored (nohup) would
+    # pass SIG_IGN on, and the Ctrl-C below would never arrive.
     script = f"""
-import subprocess, sys, time
-from trio_tproxy.topology import Topology
+import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from lab.topology import Topology
 with Topology(prefix={netns_prefix!r}) as topo:
     topo.popen("a", ["sleep", "600"])
     print("up", flush=True)
     time.sleep(600)
 """
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(topology_module.__file__)))
-    env = {**os.environ, "PYTHONPATH": repo}
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"up\n"

@@ -417,11 +417,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_interception_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
-    from . import certs, demo
+    from . import certs
 
     certs.register(sub)
-    demo.register(sub)
+    demo = sub.add_parser(
+        "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # The demo lives in the test lab (lab/, beside this package in the source
+    # tree), imported only here: the sidecar never loads it and the image has none.
+    try:
+        from lab import demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("lab", "lab.demo"):
+            raise
+        print(
+            "trio-tproxy demo: the demo ships with the source tree: "
+            "run `bash dev.sh demo` from a clone of the repository",
+            file=sys.stderr,
+        )
+        return 2
+    code: int = demo.cmd_demo(args)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

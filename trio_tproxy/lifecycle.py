@@ -35,17 +35,10 @@ import trio
 
 from . import drift, tlspolicy
 from .config import ProxyConfig
-from .interception import (
-    CAP_NET_ADMIN,
-    CAP_SYS_ADMIN,
-    Installer,
-    InterceptionError,
-    has_capability,
-    is_permission_error,
-)
+from .interception import Installer, InterceptionError, is_permission_error
 from .proxy import Sidecar, fmt_addr
 
-__all__ = ["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "has_capability", "preflight", "run"]
+__all__ = ["preflight", "run"]
 
 log = logging.getLogger("trio_tproxy")
 

@@ -6,6 +6,11 @@ throwaway CA with SPIFFE certificates for their service accounts, both
 sidecars, an HTTP server and a half-close server in B.  A sends an HTTP
 request (curl) and a half-closed raw TCP exchange to B over IPv4 and IPv6,
 while tcpdump on the bridge proves the wire carried only TLS.
+
+The demo is part of the test lab: ``trio-tproxy demo`` (trio_tproxy/cli.py)
+registers the command and imports this module only when it runs, so the
+sidecar never loads the lab and an install without the lab (the image) says
+where the demo lives instead.
 """
 
 from __future__ import annotations
@@ -17,13 +22,11 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
 
-from .lifecycle import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
-from .podlab import PodLab, spiffe_id
+from trio_tproxy.interception import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
+
+from .pods import PodLab, spiffe_id, work_directory
 from .topology import sigterm_unwinds
 
 HTTP_PORT = 8080
@@ -34,14 +37,6 @@ _CONN_LINE = re.compile(
     r"(?P<version>\S+) (?P<cipher>\S+) sent=(?P<sent>\d+) received=(?P<received>\d+) "
     r"duration=(?P<duration>\S+) outcome=(?P<outcome>\S+)"
 )
-
-
-def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
-    parser.set_defaults(func=cmd_demo)
 
 
 def missing_prerequisites() -> list[str]:
@@ -64,24 +59,20 @@ def missing_prerequisites() -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``trio-tproxy demo [--keep]``; ``args.keep`` keeps the work directory."""
     problems = missing_prerequisites()
     if problems:
         print(f"trio-tproxy demo: {problems[0]}", file=sys.stderr)
         return 2
-    workdir = Path(tempfile.mkdtemp(prefix="trio-tproxy-demo-"))
-    sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
-    started = time.monotonic()
-    try:
-        with PodLab(workdir) as lab:
-            return _demo(lab, started)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything was torn down")
-        return 130
-    finally:
-        if args.keep:
-            print(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with work_directory("trio-tproxy-demo-", keep=args.keep) as workdir:
+        sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
+        started = time.monotonic()
+        try:
+            with PodLab(workdir) as lab:
+                return _demo(lab, started)
+        except KeyboardInterrupt:
+            print("\ninterrupted: everything was torn down")
+            return 130
 
 
 def _step(text: str) -> None:
@@ -112,7 +103,7 @@ def _demo(lab: PodLab, started: float) -> int:
         "b",
         sys.executable,
         "-m",
-        "trio_tproxy.apps",
+        "lab.apps",
         "halfclose-server",
         str(RAW_PORT),
         "0.3",
@@ -146,7 +137,7 @@ def _demo(lab: PodLab, started: float) -> int:
             [
                 sys.executable,
                 "-m",
-                "trio_tproxy.apps",
+                "lab.apps",
                 "halfclose-client",
                 ip,
                 str(RAW_PORT),

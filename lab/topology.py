@@ -77,12 +77,14 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, Final
 
 from pyroute2 import IPRoute, netns
+
+from .netns import NETNS_DIR, leftovers
 
 __all__ = [
     "DEFAULT_HOSTS",
@@ -90,7 +92,8 @@ __all__ = [
     "Host",
     "Topology",
     "TopologyError",
-    "leftovers",
+    "sigterm_sets",
+    "sigterm_unwinds",
 ]
 
 #: The hosts of the standard topology: two pods and one host without a sidecar.
@@ -98,7 +101,6 @@ DEFAULT_HOSTS: Final = ("a", "b", "outside")
 #: Name that ``popen``/``run``/``wait_port`` accept for the node namespace (the bridge).
 NODE: Final = "node"
 
-_NETNS_DIR: Final = "/run/netns"
 _HOST_NAME = re.compile(r"[a-z][a-z0-9-]{0,13}")  # "v" + name is the node-side veth: <= 15
 _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 _MAX_HOSTS: Final = 250
@@ -145,19 +147,32 @@ def sigterm_unwinds() -> None:
     pyroute2 forks helpers that inherit the handler and get SIGTERM when done:
     in them it just exits, or they would run our teardown too.
     """
-    main_pid = os.getpid()
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != main_pid:
-            os._exit(0)
+    def interrupt() -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    _on_sigterm(interrupt)
 
 
-def leftovers(prefix: str) -> list[str]:
-    """Namespaces still present that belong to ``prefix``: named ``prefix`` or ``prefix-*``."""
-    return sorted(n for n in netns.listnetns() if n == prefix or n.startswith(prefix + "-"))
+def sigterm_sets(event: threading.Event) -> None:
+    """Make SIGTERM set ``event`` in this process (and end pyroute2's forked helpers).
+
+    For a loop that can stop between steps (the fuzz campaign): an exception
+    raised by a signal handler lands wherever the main thread happens to be, and
+    is lost if that is a gc callback or a ``__del__``.
+    """
+    _on_sigterm(event.set)
+
+
+def _on_sigterm(action: Callable[[], None]) -> None:
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            os._exit(0)
+        action()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _ip_binary() -> str:
@@ -168,7 +183,7 @@ def _ip_binary() -> str:
 
 
 def _netns_path(name: str) -> str:
-    return os.path.join(_NETNS_DIR, name)
+    return os.path.join(NETNS_DIR, name)
 
 
 def _hosts_of(prefix: str, names: Sequence[str]) -> dict[str, Host]:
@@ -255,7 +270,7 @@ def _destroy_forgotten() -> None:
         try:
             topo.destroy()
         except Exception as exc:  # nothing left to raise to at exit
-            print(f"trio_tproxy.topology: at exit: {exc}", file=sys.stderr)
+            print(f"lab.topology: at exit: {exc}", file=sys.stderr)
 
 
 class Topology:

@@ -1,18 +1,31 @@
-"""Load generators and the app server, run inside the pods' network namespaces.
+"""The stand-in applications: what runs in a pod in place of the real app.
 
-Why a standalone stdlib script: it stands for the application in a pod, so it
-must share no code path with the proxies under test (it imports nothing from
-trio_tproxy, and not even from this package: the harness runs it by file
-path). Blocking sockets and threads keep it simple; big buffers for bulk and
-TCP_NODELAY for the small exchanges keep it cheap, and every client reports its
-own CPU time so a reader can check that it was not the bottleneck.
+They stand for the application in a pod, which knows nothing of TLS, so they
+must share no code path with the proxies under test: stdlib only, nothing from
+trio_tproxy, nothing from the rest of the lab. That also lets the benchmark
+harness run this file by path (``python .../lab/apps.py``) with no package
+import at start-up; the demo and the tests run ``python -m lab.apps``.
+Blocking sockets and threads keep it simple; big buffers for bulk and
+TCP_NODELAY for the small exchanges keep it cheap, and every load generator
+reports its own CPU time so a reader can check that it was not the bottleneck.
 
-    serve PORT                 the app in pod B; four listeners on [::] (dual-stack):
+Servers (one dual-stack listener on [::] each; a thread per connection):
+
+    halfclose-server PORT [DELAY]
+                               read to EOF; DELAY s later answer
+                               "got N bytes sha256 H"; half-close; wait for EOF
+    echo-server PORT           echo each connection until EOF, then half-close
+    serve PORT                 the benchmark app in pod B; four listeners:
                                PORT   bulk: read an 8-byte size N, then send N bytes
                                       while reading to EOF; half-close
                                PORT+1 echo (request/response)
                                PORT+2 connection rate: read 100 B, send 100 B, wait EOF
                                PORT+3 idle: read 1 B, send 1 B, hold until EOF
+
+Clients:
+
+    halfclose-client HOST PORT MESSAGE
+                               send MESSAGE, shut the write side, print the whole answer
     bulk HOST PORT MIB         one connection, MIB MiB each way
     rr HOST PORT COUNT SIZE    COUNT ping-pongs of SIZE bytes on one connection
     connrate HOST PORT SECONDS CONCURRENCY
@@ -22,13 +35,15 @@ own CPU time so a reader can check that it was not the bottleneck.
                                until stdin closes
     probe HOST PORT CA [CERT KEY]
                                one TLS echo exchange straight to a TLS port
-                               (the harness's mTLS check)
+                               (the benchmark harness's mTLS check)
 
-Every client prints one JSON object on stdout.
+The benchmark clients (bulk, rr, connrate, idle, probe) print one JSON object
+on stdout.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -110,6 +125,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 
 
 def listen(port: int) -> socket.socket:
+    # One dual-stack socket, like most apps: "::" accepts IPv4 and IPv6.
     srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -138,7 +154,7 @@ def guarded(handler: Callable[[socket.socket], None], conn: socket.socket) -> No
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handler(conn)
     except OSError as exc:
-        print(f"loadgen serve: {handler.__name__}: {exc!r}", file=sys.stderr, flush=True)
+        print(f"apps: {handler.__name__}: {exc!r}", file=sys.stderr, flush=True)
 
 
 def handle_bulk(conn: socket.socket) -> None:
@@ -149,7 +165,26 @@ def handle_bulk(conn: socket.socket) -> None:
     received = drain(conn, bytearray(BULK_CHUNK))
     sender.join()
     if received != total:
-        print(f"loadgen serve: bulk got {received} of {total} bytes", file=sys.stderr, flush=True)
+        print(f"apps serve: bulk got {received} of {total} bytes", file=sys.stderr, flush=True)
+
+
+def read_to_eof(conn: socket.socket) -> bytes:
+    parts = []
+    while data := conn.recv(1 << 16):
+        parts.append(data)
+    return b"".join(parts)
+
+
+def halfclose_handler(delay: float) -> Callable[[socket.socket], None]:
+    def handle_halfclose(conn: socket.socket) -> None:
+        data = read_to_eof(conn)
+        time.sleep(delay)  # the answer comes after the client's EOF, and later
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        conn.sendall(f"got {len(data)} bytes sha256 {digest}\n".encode())
+        conn.shutdown(socket.SHUT_WR)
+        read_to_eof(conn)
+
+    return handle_halfclose
 
 
 def handle_echo(conn: socket.socket) -> None:
@@ -201,6 +236,13 @@ def serve_idle(srv: socket.socket) -> None:
             sock.close()
 
 
+def serve_one(port: int, handler: Callable[[socket.socket], None]) -> None:
+    """One listener, a thread per connection, forever."""
+    srv = listen(port)
+    print(f"listening on [::]:{port}", flush=True)
+    serve_thread_per_conn(srv, handler)
+
+
 def serve(port: int) -> None:
     listeners = [listen(port + i) for i in range(4)]
     spawn(serve_thread_per_conn, listeners[0], handle_bulk)
@@ -213,6 +255,13 @@ def serve(port: int) -> None:
 
 
 # -- clients -------------------------------------------------------------------
+
+
+def halfclose_client(host: str, port: int, message: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=15) as conn:
+        conn.sendall(message)
+        conn.shutdown(socket.SHUT_WR)
+        return read_to_eof(conn)
 
 
 def bulk(host: str, port: int, mib: int) -> None:
@@ -369,7 +418,15 @@ def probe(host: str, port: int, ca: str, cert: str | None, key: str | None) -> N
 
 def main(argv: list[str]) -> int:
     cmd, args = (argv[0], argv[1:]) if argv else ("", [])
-    if cmd == "serve" and len(args) == 1:
+    if cmd == "halfclose-server" and len(args) in (1, 2):
+        delay = float(args[1]) if len(args) == 2 else 0.0
+        serve_one(int(args[0]), halfclose_handler(delay))
+    elif cmd == "echo-server" and len(args) == 1:
+        serve_one(int(args[0]), handle_echo)
+    elif cmd == "halfclose-client" and len(args) == 3:
+        answer = halfclose_client(args[0], int(args[1]), args[2].encode())
+        sys.stdout.write(answer.decode())
+    elif cmd == "serve" and len(args) == 1:
         serve(int(args[0]))
     elif cmd == "bulk" and len(args) == 3:
         bulk(args[0], int(args[1]), int(args[2]))

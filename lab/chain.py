@@ -1,51 +1,51 @@
-"""Shared test plumbing: a throwaway PKI, loopback socket pairs, TLS pairs and a
+"""The sidecars' data path without the kernel: loopback socket pairs, TLS pairs and a
 two-relay chain (app -> relay plain->TLS -> relay TLS->plain -> app) built from
-real sockets and real TLS, as the sidecars do it, minus the kernel redirection."""
+real sockets and real TLS, as the sidecars do it, minus the kernel redirection.
+
+The unit tests drive it directly; :func:`loopback_transport` wraps it as a
+*transport* for the relay property (fuzz/relay_property.py), used by
+tests/test_fuzz.py and ``python -m fuzz.campaign``. Certificates come from
+:mod:`lab.pki`.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
+from OpenSSL import SSL
 
-from trio_tproxy import certs, tlspolicy
+from trio_tproxy import kernel, tlspolicy
 from trio_tproxy.config import IdentityPolicy, TLSFiles
 from trio_tproxy.relay import RelayResult, relay
 from trio_tproxy.tlsstream import TLSStream
 
-TRUST_DOMAIN = "cluster.local"
-
-
-def spiffe(sa: str, ns: str = "default", domain: str = TRUST_DOMAIN) -> str:
-    return f"spiffe://{domain}/ns/{ns}/sa/{sa}"
-
-
-def make_pki(directory: Path, names: tuple[str, ...] = ("a", "b")) -> dict[str, TLSFiles]:
-    """A CA and one leaf per name (SPIFFE ID .../sa/<name>, IP SAN 127.0.0.1 and ::1)."""
-    ca_cert, ca_key = certs.make_ca()
-    certs.write_cert(directory / "ca.crt", ca_cert)
-    files = {}
-    for name in names:
-        cert, key = certs.issue(
-            ca_cert, ca_key, spiffe_ids=[spiffe(name)], ips=["127.0.0.1", "::1"]
-        )
-        certs.write_cert(directory / f"{name}.crt", cert)
-        certs.write_key(directory / f"{name}.key", key)
-        files[name] = TLSFiles(
-            directory / f"{name}.crt", directory / f"{name}.key", directory / "ca.crt"
-        )
-    return files
+__all__ = [
+    "Chain",
+    "Contexts",
+    "Transport",
+    "abort_socket_stream",
+    "chain",
+    "contexts",
+    "expect_reset",
+    "is_closed",
+    "loopback_transport",
+    "open_fds",
+    "read_to_eof",
+    "tcp_pair",
+    "tls_pair",
+]
 
 
 @dataclass
 class Contexts:
-    client: object
-    server: object
+    """One identity's TLS contexts, as a sidecar holds them."""
+
+    client: SSL.Context
+    server: SSL.Context
 
 
 def contexts(files: TLSFiles, policy: IdentityPolicy | None = None) -> Contexts:
@@ -70,7 +70,7 @@ async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return trio.SocketStream(client), trio.SocketStream(server)
 
 
-async def tls_pair(client_ctx: object, server_ctx: object) -> tuple[TLSStream, TLSStream]:
+async def tls_pair(client_ctx: SSL.Context, server_ctx: SSL.Context) -> tuple[TLSStream, TLSStream]:
     """Two TLSStreams over a real TCP connection, handshakes completed."""
     c, s = await tcp_pair()
     client = TLSStream(c.socket, tlspolicy.new_connection(client_ctx, c.socket, server=False))
@@ -87,18 +87,15 @@ class Chain:
 
     client: trio.SocketStream
     server: trio.SocketStream
-    legs: list[trio.abc.Stream]
+    legs: list[trio.abc.HalfCloseableStream]
     results: list[RelayResult]
 
 
 @asynccontextmanager
 async def chain(
-    a: Contexts, b: Contexts, *, half_close_timeout: float = 60.0, tls_hook=None
+    a: Contexts, b: Contexts, *, half_close_timeout: float = 60.0
 ) -> AsyncIterator[Chain]:
-    """Run both relays in a nursery; the body drives the two app ends.
-
-    ``tls_hook(client_tls, server_tls)`` may replace the TLS pair (to inject faults).
-    """
+    """Run both relays in a nursery; the body drives the two app ends."""
     app_c, r1_plain = await tcp_pair()
     r2_plain, app_s = await tcp_pair()
     r1_tls, r2_tls = await tls_pair(a.client, b.server)
@@ -122,6 +119,24 @@ async def chain(
             await app_s.aclose()
 
 
+#: What fuzz/relay_property.py runs a script against: two connected app ends.
+Transport = Callable[[], AbstractAsyncContextManager[tuple[trio.SocketStream, trio.SocketStream]]]
+
+
+def loopback_transport(a: Contexts, b: Contexts) -> Transport:
+    """Each connection through a fresh chain; on exit both relays must have closed every leg."""
+
+    @asynccontextmanager
+    async def transport() -> AsyncIterator[tuple[trio.SocketStream, trio.SocketStream]]:
+        async with chain(a, b, half_close_timeout=30) as ch:
+            yield ch.client, ch.server
+        # The property's last clause: both relays closed both legs.
+        assert len(ch.results) == 2, "a relay did not finish within the bound"
+        assert all(is_closed(leg) for leg in ch.legs), "a relay leg was left open"
+
+    return transport
+
+
 async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
     parts = []
     while data := await stream.receive_some(1 << 20):
@@ -142,9 +157,8 @@ async def expect_reset(stream: trio.abc.ReceiveStream, within: float = 5.0) -> N
 
 
 async def abort_socket_stream(stream: trio.SocketStream) -> None:
-    stream.socket.setsockopt(
-        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-    )
+    """Close so that the peer sees a reset (RST), not EOF."""
+    kernel.set_abort_on_close(stream.socket)
     await stream.aclose()
 
 
