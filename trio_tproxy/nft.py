@@ -129,21 +129,49 @@ def render(ic: Interception) -> str:
             f"meta mark {mark} meta l4proto tcp tproxy ip6 to [::1]:{tcp} accept",
             "egress looped back through lo: plaintext listener (IPv6)",
         ),
+        # tproxy does not match when nothing listens (NFT_BREAK): without this
+        # the packet would fall to the policy. Its RST goes out in conntrack's
+        # reply direction (the output chain leaves it alone) and back in on lo.
+        _rule(
+            f"meta mark {mark} meta l4proto tcp reject with tcp reset",
+            "fail closed: egress no listener took (sidecar down) is refused, never sent",
+        ),
         _rule(
             'iifname "lo" return', "other local traffic, e.g. the proxy's own dials, is not ingress"
         ),
-        _rule("ip daddr != @cidrs4 return", "IPv4 destination not intercepted"),
-        _rule("ip6 daddr != @cidrs6 return", "IPv6 destination not intercepted"),
+        _rule("meta l4proto != tcp return", "only TCP is intercepted: ICMP, UDP, ... pass"),
+        # Inbound packets of connections the pod opened: SYN-ACKs to the
+        # sidecar's own dials, replies of excluded or direct egress. No
+        # transparent socket owns them: they would reach the reject below.
+        _rule("ct direction reply return", "replies of connections the pod opened are not ingress"),
+        # No destination test: every address of the pod (link-local, outside
+        # the cluster CIDRs, both families) is ingress.
         _rule("ip saddr @exclude4 return", "excluded IPv4 source"),
         _rule("ip6 saddr @exclude6 return", "excluded IPv6 source"),
         _rule("tcp dport @in_ports return", "excluded inbound port"),
+        # Packets of accepted flows come here too: tproxy finds their socket
+        # first (established lookup), the listener only for new connections.
         _rule(
             f"meta l4proto tcp tproxy ip to 127.0.0.1:{tls} accept",
-            "ingress: mutual-TLS listener",
+            "ingress to any address of the pod: mutual-TLS listener",
         ),
         _rule(
             f"meta l4proto tcp tproxy ip6 to [::1]:{tls} accept",
-            "ingress: mutual-TLS listener (IPv6)",
+            "ingress to any address of the pod: mutual-TLS listener (IPv6)",
+        ),
+        # What no socket took. Conntrack could not place it (out of window):
+        # drop, as kube-proxy does, rather than reset a live flow.
+        _rule("ct state invalid drop", "fail closed: a packet conntrack cannot place is dropped"),
+        # A mid-stream packet conntrack saw no start of (after a conntrack
+        # flush, say) may be a reply to our own dial: drop, do not reset it.
+        # The pod's next packet re-creates the entry in the right direction.
+        _rule(
+            "ct state new tcp flags & (fin | syn | rst | ack) != syn drop",
+            "fail closed: a packet of a flow conntrack never saw start is dropped",
+        ),
+        _rule(
+            "meta l4proto tcp reject with tcp reset",
+            "fail closed: ingress no listener took (sidecar down) is refused, never delivered",
         ),
         "\t}",
         "\tchain output {",
