@@ -282,6 +282,28 @@ def test_exclusions_and_direct_egress_still_work_without_sidecar(lab, family):
         rules(lab, "b", "delete", *flags)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_egress_marked_but_not_looped_back_never_leaves(lab, family):
+    """With the table loaded but the ip rule gone (drift), marked egress would leave
+    through eth0 in plaintext: the postrouting guard drops it (the client times out)."""
+    secret = marker("drift")
+    rules(lab, "a", "apply")
+    try:
+        for ip in ("ip", "ip -6"):
+            lab.topology.run(
+                "a", [*ip.split(), "rule", "del", "fwmark", "10", "iif", "lo", "lookup", "10"],
+                check=True,
+            )  # fmt: skip
+        with wire(lab, f"drift-{family}") as pcap:
+            end, received, _ = connect_and_send(
+                lab, "a", addr(lab, "outside", family), ECHO, secret, timeout=2
+            )
+            assert end == "timeout" and received == b"", (end, received)
+        assert secret not in pcap.read_bytes(), "the plaintext crossed the bridge"
+    finally:
+        rules(lab, "a", "delete")
+
+
 # --------------------------------------------------------------------------- 2: every address
 
 

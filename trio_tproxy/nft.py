@@ -193,6 +193,18 @@ def render(ic: Interception) -> str:
             f"egress: ip rule fwmark {mark} sends it to route table {ic.route_table}",
         ),
         "\t}",
+        # The mark only loops egress back if the ip rule and the local route
+        # are there. Without them (deleted, or the IPv6 route lost when lo
+        # flaps) the packet would leave in plaintext. The kernel refuses
+        # `reject` in postrouting (EOPNOTSUPP): drop, the client times out.
+        "\tchain postrouting {",
+        '\t\tcomment "fail closed: egress marked for the proxy leaves only through lo"',
+        "\t\ttype filter hook postrouting priority srcnat; policy accept;",
+        _rule(
+            f'meta mark {mark} oifname != "lo" drop',
+            "marked egress that policy routing did not loop back (rule/route gone): never sent",
+        ),
+        "\t}",
         "}",
     ]
     return "\n".join(lines) + "\n"
