@@ -92,7 +92,9 @@ def ifindex(lab: PodLab, pod: str, ifname: str = "eth0") -> int:
     return int(json.loads(out)[0]["ifindex"])
 
 
-def sockaddr(lab: PodLab, pod: str, ip: str, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+def sockaddr(
+    lab: PodLab, pod: str, ip: str, port: int
+) -> tuple[str, int] | tuple[str, int, int, int]:
     """``ip:port`` as ``connect`` wants it from ``pod`` (a scope for IPv6 link-local)."""
     if ip.startswith("fe80:"):
         return (ip, port, 0, ifindex(lab, pod))
@@ -151,7 +153,18 @@ def wire(lab: PodLab, name: str) -> Iterator[Path]:
     with open(errors_path, "wb") as errors:
         tcpdump = lab.topology.popen(
             "node",
-            ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
+            [
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                "br0",
+                "-U",
+                "-s",
+                "0",
+                "-w",
+                str(capture),
+                "tcp",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=errors,
         )

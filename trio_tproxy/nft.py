@@ -14,15 +14,49 @@ same as applying once.
 How a connection is intercepted (see KERNEL-NOTES.md):
 
 * egress: chain ``output`` (``type route``, so a changed mark re-routes the
-  packet) marks the pod's outgoing TCP to intercepted destinations with the
-  recirculate mark; ``ip rule fwmark <mark> iif lo lookup <table>`` plus a
-  ``local default`` route in that table loop it back through ``lo``, where
-  chain ``prerouting`` TPROXYs it to the plaintext listener on ``tcp_port``.
-* ingress: TCP arriving on any other interface for an intercepted address is
-  TPROXYed to the mutual-TLS listener on ``tls_port``.
-* the proxy's own sockets carry the bypass mark and are never touched, and
-  neither are replies (conntrack's reply direction): a connection the pod
-  accepted, proxied or excluded, is never egress.
+  packet) marks the pod's outgoing TCP to intercepted destinations (the
+  cluster CIDRs, minus exclusions) with the recirculate mark; ``ip rule
+  fwmark <mark> iif lo lookup <table>`` plus a ``local default`` route in that
+  table loop it back through ``lo``, where chain ``prerouting`` TPROXYs it to
+  the plaintext listener on ``tcp_port``.
+* ingress: every TCP connection arriving on any other interface, to *any*
+  address of the pod (cluster, link-local, others; both families), is TPROXYed
+  to the mutual-TLS listener on ``tls_port``. Only excluded source CIDRs and
+  excluded inbound ports pass in plaintext. The destination is not looked at:
+  keying ingress on the cluster CIDRs let ``fe80::`` and other addresses reach
+  the app unproxied.
+* the proxy's own sockets carry the bypass mark and are never marked for
+  egress; local traffic (``iifname lo``: the proxy's dial to the app, the
+  replies of looped-back egress) is not ingress, and neither are replies
+  (conntrack's reply direction): the SYN-ACK answering the sidecar's dial, or
+  any connection the pod opened directly (excluded, outside the CIDRs).
+
+Fail closed. A ``tproxy`` statement does not match when no transparent
+socket listens on its target (``nft_tproxy`` sets NFT_BREAK): evaluation goes
+on to the next rule, and the chain policy is accept. So every tproxy rule is
+followed by a verdict for the same packets that refuses them:
+
+* looped-back egress no listener took: ``reject with tcp reset``. The app's
+  ``connect`` fails at once with ECONNREFUSED. (Without it: a 20 s hang over
+  IPv4, where the kernel's own RST has a non-local source and is not routed,
+  and over IPv6 the pod's own app answered if it listened on that port.)
+* ingress no listener took: a new connection (a bare SYN) gets ``reject with
+  tcp reset``; packets conntrack calls invalid, or a mid-stream packet of a
+  flow it never saw start (after a conntrack flush: maybe a reply to our own
+  dial that it can no longer tell apart), are dropped, not reset, so that a
+  live connection is never killed by a stray (kube-proxy drops INVALID for the
+  same reason).
+* marked egress that policy routing did not loop back (ip rule or local route
+  deleted, the IPv6 route lost when ``lo`` flaps) is dropped in chain
+  ``postrouting`` before it leaves, instead of going out in plaintext; the
+  kernel does not allow ``reject`` there.
+
+A TCP reset, not ICMP: it is what a TCP peer gets from a closed port, every
+stack turns it into ECONNREFUSED at once, and it works for packets of an
+existing flow too; ICMP unreachables are soft errors for TCP in many stacks
+(retried until the connect timeout). Only TCP is intercepted, so no other
+protocol ever reaches these rules. The whole table is one transaction: it is
+either loaded with its refusals, or not at all.
 
 Every set is always declared, empty or not, so the table has one shape whatever
 the configuration. An empty ``cidrs4`` or ``cidrs6`` is correct: ``ip daddr !=
@@ -117,7 +151,8 @@ def render(ic: Interception) -> str:
             False,
         ),
         "\tchain prerouting {",
-        '\t\tcomment "TPROXY ingress to the TLS listener, looped-back egress to the TCP listener"',
+        '\t\tcomment "TPROXY ingress to the TLS listener, looped-back egress to the TCP listener; '
+        'refuse what no listener takes"',
         "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
         # First, so that no ingress exclusion below can catch looped-back egress
         # (an excluded inbound port may well be some other pod's service port).
