@@ -317,6 +317,42 @@ def test_egress_marked_but_not_looped_back_never_leaves(lab, family):
         rules(lab, "a", "delete")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_flow_conntrack_lost_is_not_reset(lab, family):
+    """B's app has a direct connection to outside (not intercepted). Conntrack forgets it
+    (idle past its timeout); outside's next packet then looks like a mid-stream packet
+    of a new inbound flow, that no socket of the TLS listener owns. It must be dropped,
+    not reset: once B sends, conntrack knows the flow again and the connection lives on."""
+    outside = addr(lab, "outside", family, "plain")
+    kind = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
+    timeout_sysctl = "net.netfilter.nf_conntrack_tcp_timeout_established"
+    old = lab.topology.run("b", ["sysctl", "-n", timeout_sysctl], check=True).stdout.strip()
+    rules(lab, "b", "apply")
+    listener = socket_in(lab.host("outside").netns, kind)
+    client = socket_in(lab.host("b").netns, kind)
+    server = None
+    try:
+        lab.topology.run("b", ["sysctl", "-qw", f"{timeout_sysctl}=1"], check=True)
+        listener.bind((outside, 0))
+        listener.listen(1)
+        client.settimeout(5)
+        client.connect(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        server.settimeout(5)
+        # Conntrack's timeout is the thing under test: wait it out (1 s, and its tick).
+        time.sleep(2.5)
+        server.sendall(b"hello")  # B's ruleset sees a mid-stream packet of an unknown flow
+        client.sendall(b"ping")  # conntrack learns the flow again, in the right direction
+        assert server.recv(4) == b"ping"
+        assert client.recv(5) == b"hello"  # outside's retransmission got through
+    finally:
+        lab.topology.run("b", ["sysctl", "-qw", f"{timeout_sysctl}={old}"])
+        for sock in (client, listener, server):
+            if sock is not None:
+                sock.close()
+        rules(lab, "b", "delete")
+
+
 # --------------------------------------------------------------------------- 2: every address
 
 
