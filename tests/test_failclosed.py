@@ -11,12 +11,18 @@ The ruleset itself must refuse what it intercepts and no listener takes:
 * every inbound TCP connection to any address of the pod is taken by the
   mutual-TLS listener: link-local (fe80::/10, 169.254.0.0/16) and addresses
   outside the cluster CIDRs, and the sidecar's own ports, both families.
+* marked egress that policy routing does not loop back (the ip rule deleted)
+  is dropped before it leaves, never sent in plaintext.
 * exclusions (inbound port, source/destination CIDR) and direct egress
   outside the CIDRs keep working with the fail-closed rules loaded, whose
   replies are not mistaken for ingress.
 
-Each test fails against the ruleset before fail closed (plaintext 200/echo,
-a hang, or no interception at all) and passes with it.
+The tests of items 1 and 2 fail against the ruleset before fail closed
+(plaintext echo or 200, a hang, or no interception at all). The guards
+against over-blocking (healthy egress and direct-egress replies, UDP, a flow
+conntrack forgot) pass on both: they fail when the rule that keeps them
+working (``ct direction reply return``, ``meta l4proto != tcp return``, the
+mid-stream drop) is removed.
 """
 
 from __future__ import annotations
