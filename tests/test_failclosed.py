@@ -21,8 +21,8 @@ The tests of items 1 and 2 fail against the ruleset before fail closed
 (plaintext echo or 200, a hang, or no interception at all). The guards
 against over-blocking (healthy egress and direct-egress replies, UDP, a flow
 conntrack forgot) pass on both: they fail when the rule that keeps them
-working (``ct direction reply return``, ``meta l4proto != tcp return``, the
-mid-stream drop) is removed.
+working is removed or widened (``ct direction reply return``; the final
+reject made protocol-agnostic; the mid-stream drop).
 """
 
 from __future__ import annotations
