@@ -32,6 +32,7 @@ import re
 import secrets
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from pathlib import Path
 import pytest
 from conftest import next_prefix
 from netns_pods import socket_in
+from pyroute2 import netns as pyroute2_netns
 
 from trio_tproxy.podlab import PodLab
 
@@ -357,6 +359,49 @@ def test_a_flow_conntrack_lost_is_not_reset(lab, family):
             if sock is not None:
                 sock.close()
         rules(lab, "b", "delete")
+
+
+def tcp_segment(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
+    """A bare TCP header (no options, no data) with its checksum for ``src`` -> ``dst``."""
+    header = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 65535, 0, 0)
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    addrs = socket.inet_pton(family, src) + socket.inet_pton(family, dst)
+    if family == socket.AF_INET:
+        pseudo = addrs + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    else:
+        pseudo = addrs + struct.pack("!I3xB", len(header), socket.IPPROTO_TCP)
+    data = pseudo + header
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return header[:16] + struct.pack("!H", ~total & 0xFFFF) + header[18:]
+
+
+SYN, FIN = 0x02, 0x01
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_packet_conntrack_calls_invalid_is_dropped_not_reset(lab, family):
+    """SYN+FIN (conntrack: invalid) from outside to B with no sidecar: no RST comes back
+    (a valid SYN, sent the same way, does get one: the capture would see it).
+
+    From outside's non-cluster address: an RST to a cluster address, answering a packet
+    conntrack has no entry for, is itself untracked, so B's output chain marks it as
+    egress and it is lost in the recirculation: it could not show the difference."""
+    src, dst = addr(lab, "outside", family, "plain"), addr(lab, "b", family, "plain")
+    kind = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
+    with interception_without_sidecar(lab, "b", "rules-apply"):
+        raw = pyroute2_netns.create_socket(
+            lab.host("outside").netns, kind, socket.SOCK_RAW, socket.IPPROTO_TCP, flags=0
+        )
+        with raw, wire(lab, f"invalid-{family}") as pcap:
+            raw.sendto(tcp_segment(src, dst, 40001, ECHO, SYN | FIN), (dst, 0))
+            raw.sendto(tcp_segment(src, dst, 40002, ECHO, SYN), (dst, 0))
+            time.sleep(0.3)  # the RST to the valid SYN is one bridge round trip away
+        text = lab.topology.run("node", ["tcpdump", "-n", "-r", str(pcap)], check=True).stdout
+    resets = [line for line in text.splitlines() if "Flags [R" in line]
+    assert any(".40002:" in line for line in resets), text
+    assert not any(".40001:" in line for line in resets), text
 
 
 # --------------------------------------------------------------------------- 2: every address
