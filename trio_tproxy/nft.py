@@ -51,16 +51,19 @@ followed by a verdict for the same packets that refuses them:
   ``postrouting`` before it leaves, instead of going out in plaintext; the
   kernel does not allow ``reject`` there.
 
-A TCP reset, not ICMP: it is what a TCP peer gets from a closed port, every
-stack turns it into ECONNREFUSED at once, and it works for packets of an
-existing flow too; ICMP unreachables are soft errors for TCP in many stacks
-(retried until the connect timeout). Only TCP is intercepted, so no other
-protocol ever reaches these rules. The whole table is one transaction: it is
-either loaded with its refusals, or not at all.
+A TCP reset, not ICMP: an RST is what a TCP peer gets from a closed port and
+every stack turns it into ECONNREFUSED at once. ICMP port unreachable is not
+TCP's answer, admin-prohibited is a soft error (RFC 1122, RFC 1812: many
+stacks retry until their connect timeout) and is often filtered on the way,
+and ICMP does not end an established flow (RFC 5927). ICMP is what a UDP peer
+expects, but only TCP is intercepted, so no other protocol reaches these
+rules. The whole table is one transaction: it is loaded with its refusals, or
+not at all.
 
 Every set is always declared, empty or not, so the table has one shape whatever
 the configuration. An empty ``cidrs4`` or ``cidrs6`` is correct: ``ip daddr !=
-@cidrs4 return`` then returns every IPv4 packet, i.e. IPv4 is not intercepted.
+@cidrs4 return`` then returns every IPv4 packet, i.e. IPv4 egress is not
+intercepted (ingress does not look at these sets).
 """
 
 from __future__ import annotations
@@ -132,10 +135,34 @@ def render(ic: Interception) -> str:
         f"delete table inet {t}",
         f"table inet {t} {{",
         '\tcomment "trio-tproxy: transparent mutual-TLS interception"',
-        *_set("cidrs4", "ipv4_addr", "intercepted IPv4 destinations", _cidrs(ic.cidrs4), True),
-        *_set("cidrs6", "ipv6_addr", "intercepted IPv6 destinations", _cidrs(ic.cidrs6), True),
-        *_set("exclude4", "ipv4_addr", "IPv4 peers never intercepted", _cidrs(ic.excluded4), True),
-        *_set("exclude6", "ipv6_addr", "IPv6 peers never intercepted", _cidrs(ic.excluded6), True),
+        *_set(
+            "cidrs4",
+            "ipv4_addr",
+            "IPv4 destinations intercepted on egress",
+            _cidrs(ic.cidrs4),
+            True,
+        ),
+        *_set(
+            "cidrs6",
+            "ipv6_addr",
+            "IPv6 destinations intercepted on egress",
+            _cidrs(ic.cidrs6),
+            True,
+        ),
+        *_set(
+            "exclude4",
+            "ipv4_addr",
+            "IPv4 peers never intercepted (ingress source, egress destination)",
+            _cidrs(ic.excluded4),
+            True,
+        ),
+        *_set(
+            "exclude6",
+            "ipv6_addr",
+            "IPv6 peers never intercepted (ingress source, egress destination)",
+            _cidrs(ic.excluded6),
+            True,
+        ),
         *_set(
             "in_ports",
             "inet_service",
