@@ -169,8 +169,9 @@ def test_ipv6_only_leaves_cidrs4_empty_and_returns_all_ipv4() -> None:
     cidrs4 = text.split("set cidrs4 {", 1)[1].split("}", 1)[0]
     assert "elements" not in cidrs4
     assert "elements = { 2001:db8::/32, fd00::/8 }" in text
-    # Both chains still return every IPv4 packet: an empty set matches nothing.
-    assert text.count("ip daddr != @cidrs4 return") == 2
+    # Egress returns every IPv4 packet: an empty set matches nothing. Ingress
+    # does not look at the destination at all.
+    assert text.count("ip daddr != @cidrs4 return") == 1
 
 
 def test_ipv4_only_leaves_cidrs6_empty() -> None:
@@ -178,12 +179,12 @@ def test_ipv4_only_leaves_cidrs6_empty() -> None:
     cidrs6 = text.split("set cidrs6 {", 1)[1].split("}", 1)[0]
     assert "type ipv6_addr" in cidrs6
     assert "elements" not in cidrs6
-    assert text.count("ip6 daddr != @cidrs6 return") == 2
+    assert text.count("ip6 daddr != @cidrs6 return") == 1
 
 
 def test_every_rule_says_what_it_is_for() -> None:
     rules = rule_lines(render(CONFIGS["excludes"]))
-    assert len(rules) == 18
+    assert len(rules) == 23
     for rule in rules:
         match = re.search(r' comment "([^"]+)"$', rule)
         assert match, f"rule without a comment: {rule}"
@@ -205,11 +206,76 @@ def test_custom_ports_marks_and_table_are_used() -> None:
 def test_recirculated_egress_is_matched_before_ingress_exclusions() -> None:
     # An excluded inbound port may be another pod's service port: looped-back
     # egress to it must still reach the plaintext listener.
-    rules = rule_lines(render(CONFIGS["excludes"]))
+    # And a looped-back packet no listener takes is refused right there.
+    rules = chain_rules(render(CONFIGS["excludes"]), "prerouting")
     first_exclusion = next(i for i, r in enumerate(rules) if "@in_ports" in r)
     egress = [i for i, r in enumerate(rules) if r.startswith("meta mark 10 ")]
-    assert egress == [0, 1]
+    assert egress == [0, 1, 2]
+    assert "reject with tcp reset" in rules[2]
     assert max(egress) < first_exclusion
+
+
+def chain_rules(text: str, chain: str) -> list[str]:
+    """The rule lines of one chain, in order."""
+    body = text.split(f"\tchain {chain} {{\n", 1)[1].split("\n\t}", 1)[0]
+    return [r for r in rule_lines(f"\tchain {chain} {{\n{body}\n\t}}") if r]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_tproxy_rule_is_followed_by_a_reject_for_the_same_match(name: str) -> None:
+    # tproxy falls through (NFT_BREAK) when no transparent socket listens: the
+    # next verdict for the same packets must refuse them, never the accept policy.
+    ic = CONFIGS[name]
+    rules = chain_rules(render(ic), "prerouting")
+    mark = f"meta mark {ic.recirculate_mark} "
+    egress = [i for i, r in enumerate(rules) if r.startswith(mark) and " tproxy " in r]
+    assert len(egress) == 2
+    assert rules[max(egress) + 1].startswith(f"{mark}meta l4proto tcp reject with tcp reset ")
+    ingress = [i for i, r in enumerate(rules) if " tproxy " in r and not r.startswith(mark)]
+    assert len(ingress) == 2
+    tail = rules[max(ingress) + 1 :]
+    assert [r.split(" comment ")[0] for r in tail] == [
+        "ct state invalid drop",
+        "ct state new tcp flags & (fin | syn | rst | ack) != syn drop",
+        "meta l4proto tcp reject with tcp reset",
+    ]
+    # nothing in this chain accepts other than through tproxy
+    assert all(" tproxy " in r for r in rules if " accept " in r)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_ingress_intercepts_every_destination(name: str) -> None:
+    rules = chain_rules(render(CONFIGS[name]), "prerouting")
+    assert not any("daddr" in r for r in rules), "ingress must not depend on the destination"
+    # the egress chain keeps its destination CIDRs
+    output = chain_rules(render(CONFIGS[name]), "output")
+    assert "ip daddr != @cidrs4 return" in " ".join(output)
+
+
+def test_ingress_exemptions_come_before_the_tproxy_rules() -> None:
+    rules = [
+        r.split(" comment ")[0] for r in chain_rules(render(CONFIGS["excludes"]), "prerouting")
+    ]
+    first_tproxy = next(i for i, r in enumerate(rules) if " tproxy " in r and "mark" not in r)
+    exemptions = [
+        'iifname "lo" return',
+        "meta l4proto != tcp return",
+        "ct direction reply return",
+        "ip saddr @exclude4 return",
+        "ip6 saddr @exclude6 return",
+        "tcp dport @in_ports return",
+    ]
+    assert rules[first_tproxy - len(exemptions) : first_tproxy] == exemptions
+    # looped-back egress (mark, on lo) is decided before lo traffic is let through
+    assert rules.index('iifname "lo" return') == 3
+
+
+def test_marked_egress_must_leave_through_lo() -> None:
+    ic = CONFIGS["custom"]
+    assert chain_rules(render(ic), "postrouting") == [
+        f'meta mark {ic.recirculate_mark} oifname != "lo" drop comment '
+        '"marked egress that policy routing did not loop back (rule/route gone): never sent"'
+    ]
 
 
 def test_render_delete_is_add_then_delete() -> None:
@@ -428,7 +494,7 @@ def test_apply_list_replace_delete(netns: str) -> None:
     assert first.startswith("table inet trio_tproxy {")
     assert "elements = { 22, 15021 }" in first
     assert "tproxy ip to 127.0.0.1:2 accept" in first
-    assert first.count('comment "') == 18 + 2 + 6 + 1  # rules, chains, sets, table
+    assert first.count('comment "') == 23 + 3 + 6 + 1  # rules, chains, sets, table
 
     nft.apply(ic)  # idempotent: the same table, not a second copy of each rule
     assert nft.list_table(ic) == first

@@ -14,19 +14,56 @@ same as applying once.
 How a connection is intercepted (see KERNEL-NOTES.md):
 
 * egress: chain ``output`` (``type route``, so a changed mark re-routes the
-  packet) marks the pod's outgoing TCP to intercepted destinations with the
-  recirculate mark; ``ip rule fwmark <mark> iif lo lookup <table>`` plus a
-  ``local default`` route in that table loop it back through ``lo``, where
-  chain ``prerouting`` TPROXYs it to the plaintext listener on ``tcp_port``.
-* ingress: TCP arriving on any other interface for an intercepted address is
-  TPROXYed to the mutual-TLS listener on ``tls_port``.
-* the proxy's own sockets carry the bypass mark and are never touched, and
-  neither are replies (conntrack's reply direction): a connection the pod
-  accepted, proxied or excluded, is never egress.
+  packet) marks the pod's outgoing TCP to intercepted destinations (the
+  cluster CIDRs, minus exclusions) with the recirculate mark; ``ip rule
+  fwmark <mark> iif lo lookup <table>`` plus a ``local default`` route in that
+  table loop it back through ``lo``, where chain ``prerouting`` TPROXYs it to
+  the plaintext listener on ``tcp_port``.
+* ingress: every TCP connection arriving on any other interface, to *any*
+  address of the pod (cluster, link-local, others; both families), is TPROXYed
+  to the mutual-TLS listener on ``tls_port``. Only excluded source CIDRs and
+  excluded inbound ports pass in plaintext. The destination is not looked at:
+  keying ingress on the cluster CIDRs let ``fe80::`` and other addresses reach
+  the app unproxied.
+* the proxy's own sockets carry the bypass mark and are never marked for
+  egress; local traffic (``iifname lo``: the proxy's dial to the app, the
+  replies of looped-back egress) is not ingress, and neither are replies
+  (conntrack's reply direction): the SYN-ACK answering the sidecar's dial, or
+  any connection the pod opened directly (excluded, outside the CIDRs).
+
+Fail closed. A ``tproxy`` statement does not match when no transparent
+socket listens on its target (``nft_tproxy`` sets NFT_BREAK): evaluation goes
+on to the next rule, and the chain policy is accept. So every tproxy rule is
+followed by a verdict for the same packets that refuses them:
+
+* looped-back egress no listener took: ``reject with tcp reset``. The app's
+  ``connect`` fails at once with ECONNREFUSED. (Without it: a 20 s hang over
+  IPv4, where the kernel's own RST has a non-local source and is not routed,
+  and over IPv6 the pod's own app answered if it listened on that port.)
+* ingress no listener took: a new connection (a bare SYN) gets ``reject with
+  tcp reset``; packets conntrack calls invalid, or a mid-stream packet of a
+  flow it never saw start (after a conntrack flush: maybe a reply to our own
+  dial that it can no longer tell apart), are dropped, not reset, so that a
+  live connection is never killed by a stray (kube-proxy drops INVALID for the
+  same reason).
+* marked egress that policy routing did not loop back (ip rule or local route
+  deleted, the IPv6 route lost when ``lo`` flaps) is dropped in chain
+  ``postrouting`` before it leaves, instead of going out in plaintext; the
+  kernel does not allow ``reject`` there.
+
+A TCP reset, not ICMP: an RST is what a TCP peer gets from a closed port and
+every stack turns it into ECONNREFUSED at once. ICMP port unreachable is not
+TCP's answer, admin-prohibited is a soft error (RFC 1122, RFC 1812: many
+stacks retry until their connect timeout) and is often filtered on the way,
+and ICMP does not end an established flow (RFC 5927). ICMP is what a UDP peer
+expects, but only TCP is intercepted, so no other protocol reaches these
+rules. The whole table is one transaction: it is loaded with its refusals, or
+not at all.
 
 Every set is always declared, empty or not, so the table has one shape whatever
 the configuration. An empty ``cidrs4`` or ``cidrs6`` is correct: ``ip daddr !=
-@cidrs4 return`` then returns every IPv4 packet, i.e. IPv4 is not intercepted.
+@cidrs4 return`` then returns every IPv4 packet, i.e. IPv4 egress is not
+intercepted (ingress does not look at these sets).
 """
 
 from __future__ import annotations
@@ -98,10 +135,34 @@ def render(ic: Interception) -> str:
         f"delete table inet {t}",
         f"table inet {t} {{",
         '\tcomment "trio-tproxy: transparent mutual-TLS interception"',
-        *_set("cidrs4", "ipv4_addr", "intercepted IPv4 destinations", _cidrs(ic.cidrs4), True),
-        *_set("cidrs6", "ipv6_addr", "intercepted IPv6 destinations", _cidrs(ic.cidrs6), True),
-        *_set("exclude4", "ipv4_addr", "IPv4 peers never intercepted", _cidrs(ic.excluded4), True),
-        *_set("exclude6", "ipv6_addr", "IPv6 peers never intercepted", _cidrs(ic.excluded6), True),
+        *_set(
+            "cidrs4",
+            "ipv4_addr",
+            "IPv4 destinations intercepted on egress",
+            _cidrs(ic.cidrs4),
+            True,
+        ),
+        *_set(
+            "cidrs6",
+            "ipv6_addr",
+            "IPv6 destinations intercepted on egress",
+            _cidrs(ic.cidrs6),
+            True,
+        ),
+        *_set(
+            "exclude4",
+            "ipv4_addr",
+            "IPv4 peers never intercepted (ingress source, egress destination)",
+            _cidrs(ic.excluded4),
+            True,
+        ),
+        *_set(
+            "exclude6",
+            "ipv6_addr",
+            "IPv6 peers never intercepted (ingress source, egress destination)",
+            _cidrs(ic.excluded6),
+            True,
+        ),
         *_set(
             "in_ports",
             "inet_service",
@@ -117,7 +178,8 @@ def render(ic: Interception) -> str:
             False,
         ),
         "\tchain prerouting {",
-        '\t\tcomment "TPROXY ingress to the TLS listener, looped-back egress to the TCP listener"',
+        '\t\tcomment "TPROXY ingress to the TLS listener, looped-back egress to the TCP listener; '
+        'refuse what no listener takes"',
         "\t\ttype filter hook prerouting priority mangle - 5; policy accept;",
         # First, so that no ingress exclusion below can catch looped-back egress
         # (an excluded inbound port may well be some other pod's service port).
@@ -129,21 +191,49 @@ def render(ic: Interception) -> str:
             f"meta mark {mark} meta l4proto tcp tproxy ip6 to [::1]:{tcp} accept",
             "egress looped back through lo: plaintext listener (IPv6)",
         ),
+        # tproxy does not match when nothing listens (NFT_BREAK): without this
+        # the packet would fall to the policy. Its RST goes out in conntrack's
+        # reply direction (the output chain leaves it alone) and back in on lo.
+        _rule(
+            f"meta mark {mark} meta l4proto tcp reject with tcp reset",
+            "fail closed: egress no listener took (sidecar down) is refused, never sent",
+        ),
         _rule(
             'iifname "lo" return', "other local traffic, e.g. the proxy's own dials, is not ingress"
         ),
-        _rule("ip daddr != @cidrs4 return", "IPv4 destination not intercepted"),
-        _rule("ip6 daddr != @cidrs6 return", "IPv6 destination not intercepted"),
+        _rule("meta l4proto != tcp return", "only TCP is intercepted: ICMP, UDP, ... pass"),
+        # Inbound packets of connections the pod opened: SYN-ACKs to the
+        # sidecar's own dials, replies of excluded or direct egress. No
+        # transparent socket owns them: they would reach the reject below.
+        _rule("ct direction reply return", "replies of connections the pod opened are not ingress"),
+        # No destination test: every address of the pod (link-local, outside
+        # the cluster CIDRs, both families) is ingress.
         _rule("ip saddr @exclude4 return", "excluded IPv4 source"),
         _rule("ip6 saddr @exclude6 return", "excluded IPv6 source"),
         _rule("tcp dport @in_ports return", "excluded inbound port"),
+        # Packets of accepted flows come here too: tproxy finds their socket
+        # first (established lookup), the listener only for new connections.
         _rule(
             f"meta l4proto tcp tproxy ip to 127.0.0.1:{tls} accept",
-            "ingress: mutual-TLS listener",
+            "ingress to any address of the pod: mutual-TLS listener",
         ),
         _rule(
             f"meta l4proto tcp tproxy ip6 to [::1]:{tls} accept",
-            "ingress: mutual-TLS listener (IPv6)",
+            "ingress to any address of the pod: mutual-TLS listener (IPv6)",
+        ),
+        # What no socket took. Conntrack could not place it (out of window):
+        # drop, as kube-proxy does, rather than reset a live flow.
+        _rule("ct state invalid drop", "fail closed: a packet conntrack cannot place is dropped"),
+        # A mid-stream packet conntrack saw no start of (after a conntrack
+        # flush, say) may be a reply to our own dial: drop, do not reset it.
+        # The pod's next packet re-creates the entry in the right direction.
+        _rule(
+            "ct state new tcp flags & (fin | syn | rst | ack) != syn drop",
+            "fail closed: a packet of a flow conntrack never saw start is dropped",
+        ),
+        _rule(
+            "meta l4proto tcp reject with tcp reset",
+            "fail closed: ingress no listener took (sidecar down) is refused, never delivered",
         ),
         "\t}",
         "\tchain output {",
@@ -163,6 +253,18 @@ def render(ic: Interception) -> str:
         _rule(
             f'oifname != "lo" meta l4proto tcp meta mark set {mark}',
             f"egress: ip rule fwmark {mark} sends it to route table {ic.route_table}",
+        ),
+        "\t}",
+        # The mark only loops egress back if the ip rule and the local route
+        # are there. Without them (deleted, or the IPv6 route lost when lo
+        # flaps) the packet would leave in plaintext. The kernel refuses
+        # `reject` in postrouting (EOPNOTSUPP): drop, the client times out.
+        "\tchain postrouting {",
+        '\t\tcomment "fail closed: egress marked for the proxy leaves only through lo"',
+        "\t\ttype filter hook postrouting priority srcnat; policy accept;",
+        _rule(
+            f'meta mark {mark} oifname != "lo" drop',
+            "marked egress that policy routing did not loop back (rule/route gone): never sent",
         ),
         "\t}",
         "}",
