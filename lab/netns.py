@@ -78,7 +78,9 @@ def scratch_netns() -> Iterator[str]:
             pass
 
 
-def socket_in(name: str, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def socket_in(
+    name: str, family: int, kind: int = socket.SOCK_STREAM, proto: int = 0
+) -> socket.socket:
     """A socket created inside network namespace ``name`` (by a helper thread)."""
     made: list[socket.socket | BaseException] = []
 
@@ -91,7 +93,7 @@ def socket_in(name: str, family: int, kind: int = socket.SOCK_STREAM) -> socket.
                     raise OSError(err, f"setns({name}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            made.append(socket.socket(family, kind))
+            made.append(socket.socket(family, kind, proto))
         except BaseException as exc:  # handed to the caller
             made.append(exc)
 

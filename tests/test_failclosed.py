@@ -41,11 +41,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import next_prefix
-from netns_pods import socket_in
-from pyroute2 import netns as pyroute2_netns
 
-from trio_tproxy.podlab import PodLab
+from lab.netns import next_prefix, socket_in
+from lab.pods import PodLab
 
 pytestmark = pytest.mark.netns
 
@@ -62,7 +60,7 @@ CLI = [sys.executable, "-m", "trio_tproxy"]
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
     with PodLab(tmp_path_factory.mktemp("failclosed"), prefix=next_prefix()) as lab:
         py = sys.executable
-        echo = [py, "-m", "trio_tproxy.apps", "echo-server", str(ECHO)]
+        echo = [py, "-m", "lab.apps", "echo-server", str(ECHO)]
         # A's app listens on the port it also calls out to: with no rule to
         # refuse it, looped-back egress would be answered by A's own app.
         for pod in ("a", "b", "outside"):
@@ -391,9 +389,7 @@ def test_a_packet_conntrack_calls_invalid_is_dropped_not_reset(lab, family):
     src, dst = addr(lab, "outside", family, "plain"), addr(lab, "b", family, "plain")
     kind = socket.AF_INET6 if family == "ipv6" else socket.AF_INET
     with interception_without_sidecar(lab, "b", "rules-apply"):
-        raw = pyroute2_netns.create_socket(
-            lab.host("outside").netns, kind, socket.SOCK_RAW, socket.IPPROTO_TCP, flags=0
-        )
+        raw = socket_in(lab.host("outside").netns, kind, socket.SOCK_RAW, socket.IPPROTO_TCP)
         with raw, wire(lab, f"invalid-{family}") as pcap:
             raw.sendto(tcp_segment(src, dst, 40001, ECHO, SYN | FIN), (dst, 0))
             raw.sendto(tcp_segment(src, dst, 40002, ECHO, SYN), (dst, 0))
