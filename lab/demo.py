@@ -5,7 +5,9 @@ Everything happens in network namespaces this command creates and removes
 throwaway CA with SPIFFE certificates for their service accounts, both
 sidecars, an HTTP server and a half-close server in B.  A sends an HTTP
 request (curl) and a half-closed raw TCP exchange to B over IPv4 and IPv6,
-while tcpdump on the bridge proves the wire carried only TLS.
+first with the sidecars off (the control: tcpdump on the bridge sees the
+plaintext marker), then through them (the marker is gone, only TLS records
+cross); a host without a sidecar is refused, and B's sidecar says why.
 
 The demo is part of the test lab: ``trio-tproxy demo`` (trio_tproxy/cli.py)
 registers the command and imports this module only when it runs, so the
@@ -16,6 +18,8 @@ where the demo lives instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -23,6 +27,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from trio_tproxy.interception import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 
@@ -43,8 +49,7 @@ def missing_prerequisites() -> list[str]:
     problems = []
     if not (has_capability(CAP_SYS_ADMIN) and has_capability(CAP_NET_ADMIN)):
         problems.append(
-            "the demo needs root: it creates network namespaces and nftables rules "
-            "(run it with sudo)"
+            "the demo needs root: it creates network namespaces and nftables rules (run it as root)"
         )
     for tool, package in (
         ("ip", "iproute2"),
@@ -79,23 +84,17 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def _say(text: str) -> None:
+    print(f"    {text}", flush=True)
+
+
 def _demo(lab: PodLab, started: float) -> int:
     a, b, node = lab.host("a"), lab.host("b"), lab.topology.netns_of("node")
     _step(
         f"pods in network namespaces {a.netns} ({a.ip4}, {a.ip6}) and "
-        f"{b.netns} ({b.ip4}, {b.ip6}), bridged in {node}"
+        f"{b.netns} ({b.ip4}, {b.ip6}), bridged in {node}; an 'outside' host without a sidecar"
     )
     _step(f"certificates: A is {spiffe_id('a')}, B is {spiffe_id('b')} (one throwaway CA)")
-    capture = lab.workdir / "bridge.pcap"
-    tcpdump = lab.topology.popen(
-        "node",
-        ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(capture), "tcp"],
-        stdout=open(os.devnull, "wb"),
-        stderr=open(lab.workdir / "tcpdump.log", "wb"),
-    )
-    lab.start_sidecar("a")
-    lab.start_sidecar("b")
-    _step("sidecars ready in both pods (nftables TPROXY + policy routes installed)")
     lab.start_app(
         "b", sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", "::", port=HTTP_PORT
     )
@@ -109,9 +108,63 @@ def _demo(lab: PodLab, started: float) -> int:
         "0.3",
         port=RAW_PORT,
     )
-    _wait_capture_ready(lab)
-
+    # The marker is a random string the apps put in every request (an HTTP
+    # header, and the raw exchange's payload both ways): if it shows up in a
+    # capture of the bridge, plaintext crossed the network.
     marker = f"plaintext-marker-{secrets.token_hex(8)}"
+    _step(f"plaintext marker: {marker!r}, carried in every request A sends to B")
+
+    _step("control: sidecars OFF, the same traffic, captured on the bridge")
+    with _capture(lab, "control") as control:
+        ok = _exchange(lab, marker)
+    control_seen = control.wire.count(marker.encode())
+    ok &= control_seen > 0
+    _say(f"marker seen {control_seen} times on the wire: this is what the sidecars must hide")
+
+    _step("sidecars ON in both pods (nftables TPROXY + policy routes installed)")
+    lab.start_sidecar("a")
+    lab.start_sidecar("b")
+    with _capture(lab, "protected") as protected:
+        ok &= _exchange(lab, marker)
+        refused_line = _outsider(lab)
+    ok &= refused_line is not None
+    seen = protected.wire.count(marker.encode())
+    tls_records = len(re.findall(rb"\x17\x03[\x03\x04]", protected.wire))
+
+    print()
+    print("What each sidecar saw (from their logs):")
+    for pod in ("a", "b"):
+        for m in _CONN_LINE.finditer(lab.sidecars[pod].log()):
+            print(
+                f"  {pod.upper()} {m['dir']:7} {m['src']:>26} -> {m['dst']:<24} "
+                f"peer {m['peer']}  {m['version']} {m['cipher']}  "
+                f"sent {m['sent']} B, received {m['received']} B, {m['outcome']}"
+            )
+    print(
+        "  (A's line shows the app's own source port; B's shows the port A's sidecar dialed "
+        "from:\n   the app's connection ends at A's sidecar, a new mTLS connection carries it to B)"
+    )
+    print()
+    print(
+        f"Wire, sidecars off: marker seen {control_seen} times (control). "
+        f"Sidecars on: {len(protected.wire)} bytes captured, {tls_records} TLS "
+        f"application-data records, marker seen {seen} times."
+    )
+    lines = {pod: len(_CONN_LINE.findall(lab.sidecars[pod].log())) for pod in ("a", "b")}
+    codes = {pod: lab.stop_sidecar(pod) for pod in ("a", "b")}
+    ok &= seen == 0 and tls_records > 0 and lines["a"] >= 4 and lines["b"] >= 4
+    ok &= codes == {"a": 0, "b": 0}
+    print(
+        f"Sidecars stopped with SIGTERM (exit codes {codes['a']}, {codes['b']}), "
+        f"rules and routes removed; namespaces removed next."
+    )
+    print(f"{'OK' if ok else 'FAILED'}: demo took {time.monotonic() - started:.1f}s")
+    return 0 if ok else 1
+
+
+def _exchange(lab: PodLab, marker: str) -> bool:
+    """A -> B: an HTTP GET and a half-closed raw exchange, over IPv4 and IPv6."""
+    b = lab.host("b")
     ok = True
     for ip in (b.ip4, b.ip6):
         host = f"[{ip}]" if ":" in ip else ip
@@ -130,61 +183,73 @@ def _demo(lab: PodLab, started: float) -> int:
             ],
         )
         ok &= http.stdout.strip() == "200"
-        _step(f"A: curl http://{host}:{HTTP_PORT}/ -> HTTP {http.stdout.strip() or http.stderr}")
+        _say(f"A: curl http://{host}:{HTTP_PORT}/ -> HTTP {http.stdout.strip() or http.stderr}")
         message = f"{marker} " * 1000
         raw = lab.topology.run(
-            "a",
-            [
-                sys.executable,
-                "-m",
-                "lab.apps",
-                "halfclose-client",
-                ip,
-                str(RAW_PORT),
-                message,
-            ],
+            "a", [sys.executable, "-m", "lab.apps", "halfclose-client", ip, str(RAW_PORT), message]
         )
-        ok &= raw.stdout.startswith(f"got {len(message)} bytes")
-        _step(
-            f"A: sent {len(message)} B to {host}:{RAW_PORT}, shut its write side, B answered "
-            f"0.3 s "
-            f"later: {raw.stdout.strip() or raw.stderr.strip()}"
+        sent_digest = hashlib.sha256(message.encode()).hexdigest()[:16]
+        answer = raw.stdout.strip() or raw.stderr.strip()
+        same = raw.stdout.startswith(f"got {len(message)} bytes sha256 {sent_digest}")
+        ok &= same
+        _say(
+            f"A: sent {len(message)} B (sha256 {sent_digest}) to {host}:{RAW_PORT} and shut its "
+            f"write side; B answered 0.3 s later with what it read: {answer!r}"
+            + (" (identical)" if same else " (DIFFERENT)")
         )
+    return ok
 
-    time.sleep(0.3)
-    lab.topology.stop(tcpdump, sig=signal.SIGINT)
-    wire = capture.read_bytes() if capture.exists() else b""
-    tls_records = len(re.findall(rb"\x17\x03\x03", wire))
-    leaks = wire.count(marker.encode())
 
-    print()
-    print("What each sidecar saw (from their logs):")
-    for pod in ("a", "b"):
-        for m in _CONN_LINE.finditer(lab.sidecars[pod].log()):
-            print(
-                f"  {pod.upper()} {m['dir']:7} {m['src']:>26} -> {m['dst']:<24} "
-                f"peer {m['peer']}  {m['version']} {m['cipher']}  "
-                f"sent {m['sent']} B, received {m['received']} B, {m['outcome']}"
-            )
-    print()
-    print(
-        f"Wire: {len(wire)} bytes captured on the bridge, {tls_records} TLS application-data "
-        f"records, plaintext marker found {leaks} times."
+def _outsider(lab: PodLab) -> str | None:
+    """A host without a sidecar (no certificate) tries B's app: refused, and B says why."""
+    b = lab.host("b")
+    since = len(lab.sidecars["b"].log())
+    attempt = lab.topology.run(
+        "outside",
+        ["curl", "-sS", "-m", "5", "-o", "/dev/null", f"http://{b.ip4}:{HTTP_PORT}/"],
     )
-    lines = {pod: len(_CONN_LINE.findall(lab.sidecars[pod].log())) for pod in ("a", "b")}
-    codes = {pod: lab.stop_sidecar(pod) for pod in ("a", "b")}
-    ok &= leaks == 0 and tls_records > 0 and lines["a"] >= 4 and lines["b"] >= 4
-    ok &= codes == {"a": 0, "b": 0}
-    print(
-        f"Sidecars stopped with SIGTERM (exit codes {codes['a']}, {codes['b']}), "
-        f"rules and routes removed; namespaces removed next."
+    failed = attempt.returncode != 0
+    _say(
+        f"outside (no sidecar, no certificate): curl http://{b.ip4}:{HTTP_PORT}/ -> "
+        + (f"refused ({attempt.stderr.strip()})" if failed else "ANSWERED")
     )
-    print(f"{'OK' if ok else 'FAILED'}: demo took {time.monotonic() - started:.1f}s")
-    return 0 if ok else 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in lab.sidecars["b"].log()[since:].splitlines():
+            if " refused: " in line:
+                _say(f"B's sidecar: {line.split(' ', 3)[-1]}")
+                return line if failed else None
+        time.sleep(0.05)
+    _say("B's sidecar logged no refusal")
+    return None
 
 
-def _wait_capture_ready(lab: PodLab) -> None:
-    log = lab.workdir / "tcpdump.log"
+class _Capture:
+    wire: bytes = b""
+
+
+@contextlib.contextmanager
+def _capture(lab: PodLab, name: str) -> Iterator[_Capture]:
+    """tcpdump on the bridge for the duration of the block; ``.wire`` after it."""
+    path = lab.workdir / f"{name}.pcap"
+    log = lab.workdir / f"tcpdump-{name}.log"
+    tcpdump = lab.topology.popen(
+        "node",
+        ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(path), "tcp"],
+        stdout=open(os.devnull, "wb"),
+        stderr=open(log, "wb"),
+    )
+    _wait_capture_ready(log)
+    result = _Capture()
+    try:
+        yield result
+    finally:
+        time.sleep(0.3)  # let the last packets reach the capture buffer
+        lab.topology.stop(tcpdump, sig=signal.SIGINT)
+        result.wire = path.read_bytes() if path.exists() else b""
+
+
+def _wait_capture_ready(log: Path) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and b"listening on" not in log.read_bytes():
         time.sleep(0.05)

@@ -380,7 +380,7 @@ def test_demo_refuses_politely_without_root():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "trio-tproxy demo: the demo needs root: it creates network namespaces and nftables "
-        "rules (run it with sudo)"
+        "rules (run it as root)"
     ]
 
 
