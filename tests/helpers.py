@@ -15,6 +15,8 @@ import trio
 
 from trio_tproxy import certs, tlspolicy
 from trio_tproxy.config import IdentityPolicy, TLSFiles
+from trio_tproxy.credentials import load_credentials
+from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.relay import RelayResult, relay
 from trio_tproxy.tlsstream import TLSStream
 
@@ -49,11 +51,8 @@ class Contexts:
 
 
 def contexts(files: TLSFiles, policy: IdentityPolicy | None = None) -> Contexts:
-    creds = tlspolicy.load_credentials(files)
-    policy = policy or IdentityPolicy()
-    return Contexts(
-        tlspolicy.client_context(creds, policy), tlspolicy.server_context(creds, policy)
-    )
+    creds = load_credentials(files)
+    return Contexts(tlspolicy.client_context(creds), tlspolicy.server_context(creds))
 
 
 async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -106,6 +105,8 @@ async def chain(
 
     async def run(x: trio.abc.HalfCloseableStream, y: trio.abc.HalfCloseableStream) -> None:
         results.append(await relay(x, y, half_close_timeout=half_close_timeout))
+
+    r1_plain, r2_plain = PlainStream(r1_plain.socket), PlainStream(r2_plain.socket)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, r1_plain, r1_tls)

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import trio_tproxy
-from trio_tproxy import certs
+from trio_tproxy import certs, pem
 from trio_tproxy.config import ConfigError, TLSFiles
-from trio_tproxy.tlspolicy import load_credentials
+from trio_tproxy.credentials import load_credentials
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -160,8 +160,8 @@ def test_write_key_is_0600_pkcs8_and_round_trips(
     certs.write_key(path, key)
     assert mode(path) == 0o600
     assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
-    loaded = certs.read_key(path)
-    assert certs.key_matches(certs.issue(*ca, dns=["x"])[0], loaded) is False
+    loaded = pem.read_key(path)
+    assert pem.key_matches(certs.issue(*ca, dns=["x"])[0], loaded) is False
     assert loaded.public_key() == key.public_key()
 
 
@@ -201,7 +201,7 @@ def test_write_cert_is_0644_and_keeps_order(
     path = tmp_path / "chain.crt"
     certs.write_cert(path, leaf, ca[0])
     assert mode(path) == 0o644
-    assert certs.read_certs(path) == [leaf, ca[0]]
+    assert pem.read_certs(path) == [leaf, ca[0]]
 
 
 def test_write_into_missing_directory_names_the_path(tmp_path: Path) -> None:

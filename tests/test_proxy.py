@@ -20,18 +20,9 @@ from helpers import abort_socket_stream, expect_reset, make_pki, read_to_eof, sp
 
 from trio_tproxy import certs, tlspolicy
 from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
+from trio_tproxy.credentials import load_credentials
 from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.proxy import Sidecar
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def sidecar(
@@ -42,22 +33,30 @@ def sidecar(
     tls_groups: str | None = None,
     **kw,
 ) -> Sidecar:
-    tcp, tls = free_ports(2)
     config = ProxyConfig(
         tls_groups=tls_groups,
         tls=files,
         identity=identity or IdentityPolicy(),
-        interception=Interception(tcp_port=tcp, tls_port=tls),
+        interception=Interception(),
         timeouts=timeouts or Timeouts(handshake=2, connect=2, half_close=10),
         verbosity=1,
     )
     return Sidecar(
         config,
-        tlspolicy.load_credentials(files),
+        load_credentials(files),
         listen_hosts=("127.0.0.1",),
         kernel_options=False,
+        ports=(0, 0),  # serve() reports what the kernel chose
         **kw,
     )
+
+
+def egress_port(sidecar: Sidecar) -> int:
+    return sidecar.bound["egress"][0][1]
+
+
+def ingress_port(sidecar: Sidecar) -> int:
+    return sidecar.bound["ingress"][0][1]
 
 
 @pytest.fixture
@@ -76,12 +75,11 @@ async def pods(
         return PlainStream(await b.dial(("127.0.0.1", app_port)))
 
     b.ingress_dialer = to_app
-    a = sidecar(
-        a_files, egress_destination=lambda sock: ("127.0.0.1", b.config.interception.tls_port)
-    )
+    a = sidecar(a_files, egress_destination=lambda sock: ("127.0.0.1", ingress_port(b)))
     async with trio.open_nursery() as nursery:
         await nursery.start(a.serve)
-        await nursery.start(b.serve)
+        bound = await nursery.start(b.serve)
+        assert bound["ingress"] == b.bound["ingress"]
         yield a, b
         nursery.cancel_scope.cancel()
 
@@ -116,7 +114,7 @@ def test_mtls_round_trip_logs_both_identities(pki, caplog):
 
     async def main():
         async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
-            client = await connect(a.config.interception.tcp_port)
+            client = await connect(egress_port(a))
             await client.send_all(b"hello through mTLS")
             await client.send_eof()
             assert await read_to_eof(client) == b"hello through mTLS"
@@ -155,7 +153,7 @@ def test_server_of_another_trust_domain_is_refused(pki, tmp_path, caplog):
                 a_files, evil_files, app_port, identity=IdentityPolicy(trust_domain="evil.org")
             ) as (a, b),
         ):
-            client = await connect(a.config.interception.tcp_port)
+            client = await connect(egress_port(a))
             await client.send_all(b"secret")
             await expect_reset(client)
             await client.aclose()
@@ -180,7 +178,7 @@ def test_garbage_on_tls_port_is_refused_and_others_carry_on(pki, caplog, garbage
 
     async def main():
         async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
-            bad = await connect(b.config.interception.tls_port)
+            bad = await connect(ingress_port(b))
             await bad.send_all(garbage)
             with trio.fail_after(5):
                 with pytest.raises(trio.BrokenResourceError):
@@ -188,7 +186,7 @@ def test_garbage_on_tls_port_is_refused_and_others_carry_on(pki, caplog, garbage
                         pass
                     raise trio.BrokenResourceError("clean EOF")  # not expected either way
             await bad.aclose()
-            good = await connect(a.config.interception.tcp_port)
+            good = await connect(egress_port(a))
             await good.send_all(b"still fine")
             await good.send_eof()
             assert await read_to_eof(good) == b"still fine"
@@ -211,7 +209,7 @@ def test_client_without_certificate_is_refused(pki, caplog):
             ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
             ctx.load_verify_locations(str(pki["a"].ca_cert))
             sock = trio.socket.socket()
-            await sock.connect(("127.0.0.1", b.config.interception.tls_port))
+            await sock.connect(("127.0.0.1", ingress_port(b)))
             from trio_tproxy.tlsstream import TLSStream
 
             tls = TLSStream(sock, tlspolicy.new_connection(ctx, sock, server=False))
@@ -237,7 +235,7 @@ def test_slow_handshake_times_out(pki, caplog):
                 b,
             ),
         ):
-            silent = await connect(b.config.interception.tls_port)
+            silent = await connect(ingress_port(b))
             with trio.fail_after(5):
                 with pytest.raises(trio.BrokenResourceError):
                     await silent.receive_some()
@@ -250,19 +248,25 @@ def test_slow_handshake_times_out(pki, caplog):
 
 def test_unreachable_upstream_resets_the_app(pki, caplog):
     caplog.set_level(logging.WARNING)
-    (closed_port,) = free_ports(1)
+    # Bound but not listening: held for the whole test, so nobody else can take it.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
 
     async def main():
         a = sidecar(pki["a"], egress_destination=lambda sock: ("127.0.0.1", closed_port))
         async with trio.open_nursery() as nursery:
             await nursery.start(a.serve)
-            client = await connect(a.config.interception.tcp_port)
+            client = await connect(egress_port(a))
             await expect_reset(client)
             await client.aclose()
             nursery.cancel_scope.cancel()
         assert a.stats.connections[("egress", "refused")] == 1
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    finally:
+        closed.close()
     assert any("ECONNREFUSED" in r.getMessage() for r in caplog.records)
 
 
@@ -271,7 +275,7 @@ def test_app_reset_reaches_remote_app_as_reset(pki):
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         app_port = listeners[0].socket.getsockname()[1]
         async with pods(pki["a"], pki["b"], app_port) as (a, b):
-            client = await connect(a.config.interception.tcp_port)
+            client = await connect(egress_port(a))
             await client.send_all(b"x")
             server = await listeners[0].accept()
             assert await server.receive_some() == b"x"
@@ -307,7 +311,7 @@ def test_second_connection_resumes_the_tls_session(pki, caplog):
     async def main():
         async with echo_app() as app_port, pods(pki["a"], pki["b"], app_port) as (a, b):
             for done in range(1, 4):
-                client = await connect(a.config.interception.tcp_port)
+                client = await connect(egress_port(a))
                 await client.send_all(b"again")
                 await client.send_eof()
                 assert await read_to_eof(client) == b"again"
@@ -342,7 +346,7 @@ def test_classic_key_exchange_groups_interoperate(pki):
             echo_app() as app_port,
             pods(pki["a"], pki["b"], app_port, tls_groups="X25519:P-256") as (a, b),
         ):
-            client = await connect(a.config.interception.tcp_port)
+            client = await connect(egress_port(a))
             await client.send_all(b"classic")
             await client.send_eof()
             assert await read_to_eof(client) == b"classic"

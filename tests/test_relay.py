@@ -26,8 +26,9 @@ from helpers import (
     tls_pair,
 )
 
+from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.relay import relay
-from trio_tproxy.tlsstream import ConnectionReset, TruncatedError
+from trio_tproxy.streams import ConnectionReset, TruncatedError
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,8 @@ def test_fin_without_close_notify_reaches_app_as_reset(pki):
 
     async def main():
         tls_client, tls_server = await tls_pair(a.client, b.server)
-        r2_plain, app = await tcp_pair()
+        r2_socket, app = await tcp_pair()
+        r2_plain = PlainStream(r2_socket.socket)
         async with trio.open_nursery() as nursery:
             results = []
 
@@ -241,7 +243,8 @@ def test_cancelling_the_relay_closes_both_sockets(pki):
     a, b = pki
 
     async def main():
-        x, app = await tcp_pair()
+        x_socket, app = await tcp_pair()
+        x = PlainStream(x_socket.socket)
         y_client, y = await tls_pair(a.client, b.server)
         with trio.move_on_after(0.3):
             await relay(x, y)
@@ -303,9 +306,9 @@ def test_tls_stream_rejects_concurrent_receivers(pki):
 
 def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
     """The paths used if pyOpenSSL's private cffi handles ever disappear."""
-    from trio_tproxy import tlsstream
+    from trio_tproxy import ossl, tlsstream
 
-    monkeypatch.setattr(tlsstream, "drain", tlsstream._drain_public)
+    monkeypatch.setattr(tlsstream, "drain", ossl.drain_public)
     a, b = pki
     payload = os.urandom(1 << 20)
 

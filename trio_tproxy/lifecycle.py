@@ -18,6 +18,7 @@ import trio
 
 from . import kernel, nft, tlspolicy
 from .config import ConfigError, ProxyConfig
+from .credentials import Credentials, load_credentials
 from .proxy import Sidecar, fmt_addr
 
 log = logging.getLogger("trio_tproxy")
@@ -38,12 +39,12 @@ def has_capability(bit: int) -> bool:
     return os.geteuid() == 0
 
 
-def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
+def preflight(config: ProxyConfig) -> Credentials:
     """Everything ``run`` needs, checked before touching the kernel.
 
     Raises ConfigError with one line naming what is missing."""
-    credentials = tlspolicy.load_credentials(config.tls)
-    tlspolicy.client_context(credentials, config.identity, groups=config.tls_groups)  # validates
+    credentials = load_credentials(config.tls)
+    tlspolicy.client_context(credentials, groups=config.tls_groups)  # validates
     if config.manage_rules:
         if shutil.which("nft") is None:
             raise ConfigError(
@@ -81,7 +82,7 @@ async def watch_routes(routes: kernel.PolicyRoutes, interval: float) -> None:
             log.error("route check failed: %s", exc)
 
 
-async def run(config: ProxyConfig, credentials: tlspolicy.Credentials) -> None:
+async def run(config: ProxyConfig, credentials: Credentials) -> None:
     """Serve until SIGTERM/SIGINT; remove what we installed on the way out."""
     ic = config.interception
     sidecar = Sidecar(config, credentials)
