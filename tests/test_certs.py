@@ -341,3 +341,32 @@ def test_cli_issue_rejects_bad_values(tmp_path: Path, flags: list[str], message:
         run_cli(*argv, *flags)
     assert message in str(info.value)
     assert not (tmp_path / "x.key").exists()
+
+
+def test_unreadable_file_gets_no_create_hint(tmp_path: Path, monkeypatch) -> None:
+    """Only a missing file suggests `certs ca`: creating a CA cannot fix permissions."""
+    assert run_cli("ca", "--out", str(tmp_path)) == 0
+    files = TLSFiles(tmp_path / "ca.crt", tmp_path / "ca.key", tmp_path / "ca.crt")
+
+    real_open = Path.open
+
+    def denied(self: Path, *args: Any, **kw: Any) -> Any:
+        if self.name == "ca.crt":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ConfigError) as info:
+        load_credentials(files)
+    assert "Permission denied" in str(info.value)
+    assert "certs ca" not in str(info.value)
+    monkeypatch.undo()
+
+    (tmp_path / "dir.crt").mkdir()  # another read error (EISDIR): no hint either
+    with pytest.raises(ConfigError) as info:
+        load_credentials(TLSFiles(tmp_path / "dir.crt", tmp_path / "ca.key", tmp_path / "ca.crt"))
+    assert "cannot read" in str(info.value) and "certs " not in str(info.value)
+
+    with pytest.raises(ConfigError) as info:  # a missing file still says how to make one
+        load_credentials(TLSFiles(tmp_path / "no.crt", tmp_path / "ca.key", tmp_path / "ca.crt"))
+    assert "trio-tproxy certs ca" in str(info.value)

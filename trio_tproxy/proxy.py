@@ -149,6 +149,7 @@ class _Conn:
     leg: tlspolicy.TLSLeg | None = None
     result: RelayResult | None = None
     refusal: str | None = None
+    reported: bool = False
 
 
 class Sidecar:
@@ -304,6 +305,7 @@ class Sidecar:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
             conn.refusal, ended = str(exc), "refused"
+            self._report(conn, ended)  # now: closing may take the alert's grace period
             if exc.alert_sent:
                 with trio.CancelScope(shield=True):
                     await app.abort()  # the app learns at once; the peer gets our alert
@@ -351,6 +353,7 @@ class Sidecar:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
             conn.refusal, ended = str(exc), "refused"
+            self._report(conn, ended)  # now: closing may take the alert's grace period
             if exc.alert_sent:
                 await exc.stream.close_after_alert()
             else:
@@ -370,6 +373,9 @@ class Sidecar:
 
     def _report(self, conn: _Conn, ended: str) -> None:
         """The one log line and count of a connection (see the module docstring)."""
+        if conn.reported:
+            return
+        conn.reported = True
         self.stats.active -= 1
         direction = conn.direction
         if conn.refusal is not None:
