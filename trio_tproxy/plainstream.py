@@ -49,7 +49,10 @@ class PlainStream(Stream):
         return trio.BrokenResourceError(f"socket error: {exc}")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        with self._receive_guard:
+        if self._receiving:
+            raise self._busy("receiving")
+        self._receiving = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
             view = _IN[: min(max_bytes or DEFAULT_RECEIVE_SIZE, DEFAULT_RECEIVE_SIZE)]
@@ -74,9 +77,14 @@ class PlainStream(Stream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+        finally:
+            self._receiving = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_guard:
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
             if self._eof_sent:
@@ -89,9 +97,14 @@ class PlainStream(Stream):
                         await trio.lowlevel.wait_writable(self._fd)
                     except OSError as exc:
                         raise self._broken(exc) from exc
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
-        with self._send_guard:
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
             if self._eof_sent:
@@ -101,6 +114,8 @@ class PlainStream(Stream):
                 self.socket.shutdown(_stdsocket.SHUT_WR)
             except OSError as exc:
                 raise self._broken(exc) from exc
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         if self._state is not State.CLOSED:

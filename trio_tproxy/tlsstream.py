@@ -142,7 +142,10 @@ class TLSStream(Stream):
     # -- receiving -----------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        with self._receive_guard:
+        if self._receiving:
+            raise self._busy("receiving")
+        self._receiving = True
+        try:
             if not self._handshake_done:
                 await self.do_handshake()
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -185,11 +188,16 @@ class TLSStream(Stream):
                     assert stop is not None
                     raise self._translate(stop) from stop
                 self._check_usable()
+        finally:
+            self._receiving = False
 
     # -- sending -------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_guard:
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
+        try:
             if not self._handshake_done:
                 await self.do_handshake()
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -200,10 +208,15 @@ class TLSStream(Stream):
                 sent = 0
                 while sent < len(view):
                     sent += await self._retry(self.conn.send, view[sent : sent + _SEND_CHUNK])
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """close_notify, then SHUT_WR.  Reading continues; idempotent."""
-        with self._send_guard:
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
+        try:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._check_usable()
             if self._eof_sent:
@@ -215,6 +228,8 @@ class TLSStream(Stream):
                 self.socket.shutdown(_stdsocket.SHUT_WR)
             except OSError as exc:
                 raise self._translate(exc) from exc
+        finally:
+            self._sending = False
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- closing -------------------------------------------------------------
