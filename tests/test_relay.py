@@ -313,7 +313,7 @@ def test_tls_stream_rejects_concurrent_receivers(pki):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.receive_some)
             await trio.testing.wait_all_tasks_blocked()  # it is parked in receive_some
-            with pytest.raises(trio.BusyResourceError):
+            with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
                 await server.receive_some()
             await client.send_all(b"z")
         await client.aclose()
@@ -450,7 +450,7 @@ def test_plain_stream_rejects_concurrent_receivers():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream.receive_some)
             await trio.testing.wait_all_tasks_blocked()
-            with pytest.raises(trio.BusyResourceError):
+            with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
                 await stream.receive_some()
             await theirs.send_all(b"z")
         await stream.aclose()

@@ -30,6 +30,9 @@ Errors, translated by each stream at its one edge (``raise ... from exc``):
 All three are ``BrokenResourceError``, so callers that only care that the leg
 failed catch that, and the relay classifies the subclass for its log line.
 
+One task at a time may receive and one may send (a relay has one reader and
+one writer per leg); a second one gets ``trio.BusyResourceError``.
+
 Scheduling (both streams): ``receive_some`` yields exactly once (while
 waiting, or at a checkpoint if data was already there, so a busy pump cannot
 starve other tasks); ``send_all`` yields only if it has to wait.  trio's
