@@ -300,7 +300,7 @@ async def connect(
     """Egress: TLS client on the connected ``sock`` towards ``dst``; HandshakeFailed if refused.
 
     ``sock`` belongs to the stream from the start: on HandshakeFailed it is
-    ``exc.stream``'s; on cancellation it is aborted here.
+    ``exc.stream``'s; on any other exception (cancellation) it is aborted here.
     """
     stream = TLSStream(sock, new_connection(ctx, sock, server=False))
     if sessions is not None:
@@ -309,8 +309,10 @@ async def connect(
         return await _handshake(
             stream, handshake_timeout, lambda: verify_server(stream.conn, policy, dst[0])
         )
-    except trio.Cancelled:
-        await _abort_shielded(stream)
+    except HandshakeFailed:
+        raise  # the stream is the caller's to close (see HandshakeFailed)
+    except BaseException:
+        await _abort_shielded(stream)  # cancelled, or a bug: nobody else holds it
         raise
 
 
@@ -327,8 +329,10 @@ async def accept(
         return await _handshake(
             stream, handshake_timeout, lambda: verify_client(stream.conn, policy)
         )
-    except trio.Cancelled:
-        await _abort_shielded(stream)
+    except HandshakeFailed:
+        raise  # the stream is the caller's to close (see HandshakeFailed)
+    except BaseException:
+        await _abort_shielded(stream)  # cancelled, or a bug: nobody else holds it
         raise
 
 
