@@ -47,8 +47,8 @@ def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int, pki: 
     import trio
 
     from lab.pki import make_pki
-    from trio_tproxy import tlspolicy
     from trio_tproxy.config import Interception, ProxyConfig
+    from trio_tproxy.credentials import load_credentials
     from trio_tproxy.plainstream import PlainStream
     from trio_tproxy.proxy import Sidecar
 
@@ -60,7 +60,7 @@ def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int, pki: 
             interception=Interception(tcp_port=tcp, tls_port=tls),
             session_cache=session_cache,
         )
-        creds = tlspolicy.load_credentials(files[name])
+        creds = load_credentials(files[name])
         return Sidecar(config, creds, listen_hosts=("127.0.0.1",), kernel_options=False, **kw)
 
     b = make("b", _free_port(), _free_port())

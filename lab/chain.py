@@ -20,7 +20,10 @@ from OpenSSL import SSL
 
 from trio_tproxy import kernel, tlspolicy
 from trio_tproxy.config import IdentityPolicy, TLSFiles
+from trio_tproxy.credentials import load_credentials
+from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.relay import RelayResult, relay
+from trio_tproxy.streams import Stream
 from trio_tproxy.tlsstream import TLSStream
 
 __all__ = [
@@ -49,11 +52,8 @@ class Contexts:
 
 
 def contexts(files: TLSFiles, policy: IdentityPolicy | None = None) -> Contexts:
-    creds = tlspolicy.load_credentials(files)
-    policy = policy or IdentityPolicy()
-    return Contexts(
-        tlspolicy.client_context(creds, policy), tlspolicy.server_context(creds, policy)
-    )
+    creds = load_credentials(files)
+    return Contexts(tlspolicy.client_context(creds), tlspolicy.server_context(creds))
 
 
 async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -96,13 +96,16 @@ async def chain(
     a: Contexts, b: Contexts, *, half_close_timeout: float = 60.0
 ) -> AsyncIterator[Chain]:
     """Run both relays in a nursery; the body drives the two app ends."""
-    app_c, r1_plain = await tcp_pair()
-    r2_plain, app_s = await tcp_pair()
+    app_c, r1_sock = await tcp_pair()
+    r2_sock, app_s = await tcp_pair()
     r1_tls, r2_tls = await tls_pair(a.client, b.server)
     results: list[RelayResult] = []
 
-    async def run(x: trio.abc.HalfCloseableStream, y: trio.abc.HalfCloseableStream) -> None:
+    async def run(x: Stream, y: Stream) -> None:
         results.append(await relay(x, y, half_close_timeout=half_close_timeout))
+
+    # The relay carries the sidecar's own streams, as in the proxy.
+    r1_plain, r2_plain = PlainStream(r1_sock.socket), PlainStream(r2_sock.socket)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run, r1_plain, r1_tls)

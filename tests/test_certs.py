@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import trio_tproxy
-from trio_tproxy import certs
+from trio_tproxy import certs, pem
 from trio_tproxy.config import ConfigError, TLSFiles
-from trio_tproxy.tlspolicy import load_credentials
+from trio_tproxy.credentials import load_credentials
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -160,8 +160,8 @@ def test_write_key_is_0600_pkcs8_and_round_trips(
     certs.write_key(path, key)
     assert mode(path) == 0o600
     assert path.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
-    loaded = certs.read_key(path)
-    assert certs.key_matches(certs.issue(*ca, dns=["x"])[0], loaded) is False
+    loaded = pem.read_key(path)
+    assert pem.key_matches(certs.issue(*ca, dns=["x"])[0], loaded) is False
     assert loaded.public_key() == key.public_key()
 
 
@@ -201,7 +201,7 @@ def test_write_cert_is_0644_and_keeps_order(
     path = tmp_path / "chain.crt"
     certs.write_cert(path, leaf, ca[0])
     assert mode(path) == 0o644
-    assert certs.read_certs(path) == [leaf, ca[0]]
+    assert pem.read_certs(path) == [leaf, ca[0]]
 
 
 def test_write_into_missing_directory_names_the_path(tmp_path: Path) -> None:
@@ -341,3 +341,32 @@ def test_cli_issue_rejects_bad_values(tmp_path: Path, flags: list[str], message:
         run_cli(*argv, *flags)
     assert message in str(info.value)
     assert not (tmp_path / "x.key").exists()
+
+
+def test_unreadable_file_gets_no_create_hint(tmp_path: Path, monkeypatch) -> None:
+    """Only a missing file suggests `certs ca`: creating a CA cannot fix permissions."""
+    assert run_cli("ca", "--out", str(tmp_path)) == 0
+    files = TLSFiles(tmp_path / "ca.crt", tmp_path / "ca.key", tmp_path / "ca.crt")
+
+    real_open = Path.open
+
+    def denied(self: Path, *args: Any, **kw: Any) -> Any:
+        if self.name == "ca.crt":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ConfigError) as info:
+        load_credentials(files)
+    assert "Permission denied" in str(info.value)
+    assert "certs ca" not in str(info.value)
+    monkeypatch.undo()
+
+    (tmp_path / "dir.crt").mkdir()  # another read error (EISDIR): no hint either
+    with pytest.raises(ConfigError) as info:
+        load_credentials(TLSFiles(tmp_path / "dir.crt", tmp_path / "ca.key", tmp_path / "ca.crt"))
+    assert "cannot read" in str(info.value) and "certs " not in str(info.value)
+
+    with pytest.raises(ConfigError) as info:  # a missing file still says how to make one
+        load_credentials(TLSFiles(tmp_path / "no.crt", tmp_path / "ca.key", tmp_path / "ca.crt"))
+    assert "trio-tproxy certs ca" in str(info.value)

@@ -351,10 +351,10 @@ def test_certs_subcommand_makes_a_working_pki(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "web.key").stat().st_mode & 0o777 == 0o600
-    from trio_tproxy import tlspolicy
     from trio_tproxy.config import TLSFiles
+    from trio_tproxy.credentials import load_credentials
 
-    creds = tlspolicy.load_credentials(
+    creds = load_credentials(
         TLSFiles(tmp_path / "web.crt", tmp_path / "web.key", tmp_path / "ca.crt")
     )
     assert creds.spiffe_id == "spiffe://cluster.local/ns/prod/sa/web"

@@ -6,12 +6,17 @@ two sidecars' data path without the kernel redirection (the netns suite adds it)
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import select
 import socket
+import struct
+import termios
 
 import pytest
 import trio
+import trio.testing
 
 from lab.chain import (
     Contexts,
@@ -26,8 +31,9 @@ from lab.chain import (
     tls_pair,
 )
 from lab.pki import make_pki
+from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.relay import relay
-from trio_tproxy.tlsstream import ConnectionReset, TruncatedError
+from trio_tproxy.streams import ConnectionReset, State, TruncatedError
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +44,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Contexts, Contexts]:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+async def queued_at_least(sock: trio.socket.SocketType, n: int, within: float = 5.0) -> None:
+    """Wait until the kernel holds at least ``n`` unread bytes for ``sock`` (FIONREAD)."""
+    with trio.fail_after(within):
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            if queued >= n:
+                return
+            await trio.sleep(0.001)  # more is on its way: the socket stays readable
 
 
 @pytest.mark.parametrize("size", [0, 1, 16383, 16384, 16385, 1 << 20, 8 << 20])
@@ -110,7 +127,9 @@ def test_reset_reaches_other_end_as_reset(pki, who_resets):
             assert await victim.receive_some(100) == b"hello"
             await abort_socket_stream(resetter)
             await expect_reset(victim)
-        assert {r.outcome for r in ch.results} <= {"reset"}
+        # Both relays saw it: the one next to the resetter on its plain (or TLS)
+        # leg, the other as the first relay's abort on the TLS leg.
+        assert [r.outcome for r in ch.results] == ["reset", "reset"]
         assert all(is_closed(leg) for leg in ch.legs)
 
     trio.run(main)
@@ -137,7 +156,8 @@ def test_fin_without_close_notify_reaches_app_as_reset(pki):
 
     async def main():
         tls_client, tls_server = await tls_pair(a.client, b.server)
-        r2_plain, app = await tcp_pair()
+        r2_socket, app = await tcp_pair()
+        r2_plain = PlainStream(r2_socket.socket)
         async with trio.open_nursery() as nursery:
             results = []
 
@@ -213,7 +233,7 @@ def test_receive_drains_several_records(pki):
     async def main():
         client, server = await tls_pair(a.client, b.server)
         await client.send_all(b"y" * (128 * 1024))
-        await trio.sleep(0.1)  # let every record arrive
+        await queued_at_least(server.socket, 64 * 1024)  # several records have arrived
         data = await server.receive_some()
         assert len(data) > 16384, "one receive_some should drain many 16 KiB records"
         await client.aclose()
@@ -241,7 +261,8 @@ def test_cancelling_the_relay_closes_both_sockets(pki):
     a, b = pki
 
     async def main():
-        x, app = await tcp_pair()
+        x_socket, app = await tcp_pair()
+        x = PlainStream(x_socket.socket)
         y_client, y = await tls_pair(a.client, b.server)
         with trio.move_on_after(0.3):
             await relay(x, y)
@@ -291,8 +312,8 @@ def test_tls_stream_rejects_concurrent_receivers(pki):
         client, server = await tls_pair(a.client, b.server)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.receive_some)
-            await trio.sleep(0.05)
-            with pytest.raises(trio.BusyResourceError):
+            await trio.testing.wait_all_tasks_blocked()  # it is parked in receive_some
+            with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
                 await server.receive_some()
             await client.send_all(b"z")
         await client.aclose()
@@ -303,9 +324,9 @@ def test_tls_stream_rejects_concurrent_receivers(pki):
 
 def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
     """The paths used if pyOpenSSL's private cffi handles ever disappear."""
-    from trio_tproxy import tlsstream
+    from trio_tproxy import ossl, tlsstream
 
-    monkeypatch.setattr(tlsstream, "drain", tlsstream._drain_public)
+    monkeypatch.setattr(tlsstream, "drain", ossl.drain_public)
     a, b = pki
     payload = os.urandom(1 << 20)
 
@@ -333,8 +354,6 @@ def test_public_api_fallback_carries_data_and_eof(pki, monkeypatch):
 def test_was_reset_tells_a_consumed_reset_from_a_fin():
     """A reset is reported once: after a send collects it, recv says EOF.
     TCP_INFO still tells the two apart (the relay relies on it)."""
-    import time
-
     from trio_tproxy import kernel
 
     def pair():
@@ -347,7 +366,7 @@ def test_was_reset_tells_a_consumed_reset_from_a_fin():
     ours, theirs = pair()
     kernel.set_abort_on_close(theirs)
     theirs.close()  # RST
-    time.sleep(0.1)
+    assert select.select([ours], [], [], 5)[0], "the reset did not arrive"
     with pytest.raises((ConnectionResetError, BrokenPipeError)):
         ours.send(b"x")  # collects the error...
     assert ours.recv(10) == b""  # ...so this looks like a clean EOF
@@ -356,8 +375,85 @@ def test_was_reset_tells_a_consumed_reset_from_a_fin():
 
     ours, theirs = pair()
     theirs.shutdown(socket.SHUT_WR)  # a real FIN
-    time.sleep(0.1)
+    assert select.select([ours], [], [], 5)[0], "the FIN did not arrive"
     assert ours.recv(10) == b""
     assert not kernel.was_reset(ours)
     ours.close()
     theirs.close()
+
+
+# --- PlainStream: states, abort, a reset hidden behind EOF ---------------------------
+
+
+def test_plain_stream_broken_state_is_sticky_and_never_retries():
+    async def main():
+        ours, theirs = await tcp_pair()
+        stream = PlainStream(ours.socket)
+        await abort_socket_stream(theirs)
+        with pytest.raises(ConnectionReset):
+            await stream.receive_some()
+        assert stream.state is State.BROKEN
+        for call in (stream.receive_some(), stream.send_all(b"x"), stream.send_eof()):
+            with pytest.raises(trio.BrokenResourceError, match="is broken"):
+                await call
+        await stream.aclose()
+        assert stream.state is State.CLOSED and is_closed(stream)
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.receive_some()
+
+    trio.run(main)
+
+
+def test_plain_stream_abort_resets_the_peer():
+    async def main():
+        ours, theirs = await tcp_pair()
+        stream = PlainStream(ours.socket)
+        await stream.send_all(b"bye")
+        await stream.abort()
+        await stream.abort()  # idempotent
+        assert is_closed(stream)
+        await expect_reset(theirs)
+        await theirs.aclose()
+
+    trio.run(main)
+
+
+def test_plain_stream_reports_a_reset_hidden_behind_eof():
+    """After a send collected the RST, recv says 0: the stream still says reset."""
+
+    async def main():
+        ours, theirs = await tcp_pair()
+        stream = PlainStream(ours.socket)
+        await abort_socket_stream(theirs)
+        await trio.lowlevel.wait_readable(ours.socket)
+        with pytest.raises(OSError):
+            await ours.socket.send(b"x")  # collects the reset, as a concurrent pump would
+        with pytest.raises(ConnectionReset, match="seen as EOF"):
+            await stream.receive_some()
+        await stream.aclose()
+
+        ours, theirs = await tcp_pair()  # a real FIN stays a clean EOF
+        stream = PlainStream(ours.socket)
+        await theirs.send_eof()
+        assert await stream.receive_some() == b""
+        assert stream.state is State.OK
+        await stream.aclose()
+        await theirs.aclose()
+
+    trio.run(main)
+
+
+def test_plain_stream_rejects_concurrent_receivers():
+    async def main():
+        ours, theirs = await tcp_pair()
+        stream = PlainStream(ours.socket)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.receive_some)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(5), pytest.raises(trio.BusyResourceError):
+                await stream.receive_some()
+            await theirs.send_all(b"z")
+        await stream.aclose()
+        await theirs.aclose()
+
+    trio.run(main)

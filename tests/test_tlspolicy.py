@@ -30,14 +30,13 @@ from OpenSSL import SSL
 import lab.pki
 from trio_tproxy import certs
 from trio_tproxy.config import ConfigError, IdentityPolicy, TLSFiles
+from trio_tproxy.credentials import Credentials, load_credentials
 from trio_tproxy.identity import IdentityError
 from trio_tproxy.kernel import set_abort_on_close
 from trio_tproxy.tlspolicy import (
-    Credentials,
     PeerIdentity,
     client_context,
-    explain,
-    load_credentials,
+    explain_failure,
     new_connection,
     notes,
     server_context,
@@ -117,7 +116,7 @@ class Side:
     @property
     def reason(self) -> str:
         assert self.error is not None, "this side succeeded"
-        return explain(self.error, self.conn)
+        return explain_failure(self.error, self.conn)
 
 
 @dataclass
@@ -203,8 +202,8 @@ def handshake(
     dst_ip: str = "127.0.0.1",
 ) -> Result:
     return run_pair(
-        server_context(server, server_policy),
-        client_context(client, client_policy),
+        server_context(server),
+        client_context(client),
         server_policy=server_policy,
         client_policy=client_policy,
         dst_ip=dst_ip,
@@ -224,9 +223,9 @@ def test_mutual_tls13_handshake_verifies_both_identities(pki: PKI) -> None:
 
 
 def test_tls12_peer_gets_ecdhe_aead_cipher(pki: PKI) -> None:
-    ctx = client_context(pki.creds("web", spiffe_ids=[WEB]), SPIFFE)
+    ctx = client_context(pki.creds("web", spiffe_ids=[WEB]))
     ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
-    r = run_pair(server_context(pki.creds("db", spiffe_ids=[DB]), SPIFFE), ctx)
+    r = run_pair(server_context(pki.creds("db", spiffe_ids=[DB])), ctx)
     assert r.client.error is None
     version, cipher = r.client.info.split()
     assert version == "TLSv1.2"
@@ -235,7 +234,7 @@ def test_tls12_peer_gets_ecdhe_aead_cipher(pki: PKI) -> None:
 
 def test_context_settings(pki: PKI) -> None:
     creds = pki.creds("web", spiffe_ids=[WEB])
-    server, client = server_context(creds, SPIFFE), client_context(creds, SPIFFE)
+    server, client = server_context(creds), client_context(creds)
     for ctx in (server, client):
         options = ctx.set_options(0)  # returns the options in force
         assert options & SSL.OP_NO_COMPRESSION
@@ -249,13 +248,13 @@ def test_context_settings(pki: PKI) -> None:
 
 
 def test_server_advertises_our_ca_for_client_certificates(pki: PKI) -> None:
-    conn = new_connection(server_context(pki.creds("db", dns=["db"]), SPIFFE), None, server=True)
+    conn = new_connection(server_context(pki.creds("db", dns=["db"])), None, server=True)
     names = conn.get_client_ca_list()
     assert [n.CN for n in names] == ["ca CA"]
 
 
 def test_new_connection_attaches_fresh_notes(pki: PKI) -> None:
-    ctx = client_context(pki.creds("web", dns=["web"]), SPIFFE)
+    ctx = client_context(pki.creds("web", dns=["web"]))
     a, b = new_connection(ctx, None, server=False), new_connection(ctx, None, server=False)
     notes_a, notes_b = notes(a), notes(b)
     assert notes_a is not None and notes_b is not None and notes_a is not notes_b
@@ -269,7 +268,7 @@ def test_client_without_certificate_is_rejected(pki: PKI) -> None:
     bare = SSL.Context(SSL.TLS_METHOD)
     bare.load_verify_locations(str(pki.ca_path))
     bare.set_verify(SSL.VERIFY_PEER)
-    r = run_pair(server_context(pki.creds("db", spiffe_ids=[DB]), SPIFFE), bare)
+    r = run_pair(server_context(pki.creds("db", spiffe_ids=[DB])), bare)
     assert r.server.reason == "no client certificate"
     assert r.server.peer is None
     # TLS 1.3: the client learns it only on its first read, from the alert.
@@ -410,30 +409,30 @@ def test_tls11_only_client_is_refused(pki: PKI) -> None:
     old.set_min_proto_version(SSL.TLS1_VERSION)
     old.set_max_proto_version(SSL.TLS1_1_VERSION)
     old.set_cipher_list(b"DEFAULT:@SECLEVEL=0")  # let OpenSSL still speak TLS 1.1 at all
-    r = run_pair(server_context(pki.creds("db", dns=["db"]), SPIFFE), old)
+    r = run_pair(server_context(pki.creds("db", dns=["db"])), old)
     assert r.server.reason == "TLS version not supported"
     assert r.client.reason == "peer alert: tlsv1 alert protocol version"
 
 
 def test_plaintext_http_on_tls_port(pki: PKI) -> None:
-    ctx = server_context(pki.creds("db", dns=["db"]), SPIFFE)
+    ctx = server_context(pki.creds("db", dns=["db"]))
     r = run_pair(ctx, None, raw=b"GET / HTTP/1.1\r\nHost: db\r\n\r\n")
     assert r.server.reason == "plaintext HTTP on TLS port"
 
 
 def test_other_protocol_is_not_tls(pki: PKI) -> None:
-    ctx = server_context(pki.creds("db", dns=["db"]), SPIFFE)
+    ctx = server_context(pki.creds("db", dns=["db"]))
     r = run_pair(ctx, None, raw=b"SSH-2.0-OpenSSH_9.6\r\n")
     assert r.server.reason == "not TLS"
 
 
 def test_peer_closed_during_handshake(pki: PKI) -> None:
-    r = run_pair(server_context(pki.creds("db", dns=["db"]), SPIFFE), None, raw=b"")
+    r = run_pair(server_context(pki.creds("db", dns=["db"])), None, raw=b"")
     assert r.server.reason == "peer closed during handshake"
 
 
 def test_connection_reset_during_handshake(pki: PKI) -> None:
-    r = run_pair(server_context(pki.creds("db", dns=["db"]), SPIFFE), None, reset=True)
+    r = run_pair(server_context(pki.creds("db", dns=["db"])), None, reset=True)
     assert r.server.reason == "connection reset during handshake"
 
 
@@ -445,7 +444,7 @@ def test_explain_unwraps_the_stream_error() -> None:
     try:
         raise trio.BrokenResourceError("handshake failed") from cause
     except trio.BrokenResourceError as exc:
-        assert explain(exc, None) == "plaintext HTTP on TLS port"
+        assert explain_failure(exc, None) == "plaintext HTTP on TLS port"
 
 
 @pytest.mark.parametrize(
@@ -466,7 +465,7 @@ def test_explain_unwraps_the_stream_error() -> None:
     ],
 )
 def test_explain_reasons(exc: BaseException, reason: str) -> None:
-    assert explain(exc, None) == reason
+    assert explain_failure(exc, None) == reason
 
 
 # --- load_credentials ---------------------------------------------------------------------

@@ -10,9 +10,10 @@ clientAuth (each sidecar is a TLS server on ingress and a client on egress).
 Keys are written with mode 0600 from the moment the file exists (a temporary
 file created with that mode, then renamed), and no key ever ships in the package.
 
-The PEM readers here (:func:`read_certs`, :func:`read_key`) are shared with
-:mod:`trio_tproxy.tlspolicy` so every bad file gives the same kind of one-line
-:class:`ConfigError` naming the file and the problem.
+The sidecar itself never imports this module: it reads its files with
+:mod:`trio_tproxy.pem`, which this module shares (``load_ca``) so every bad
+file gives the same kind of one-line :class:`ConfigError`.  ``register`` adds
+the ``certs`` subcommand to the CLI.
 """
 
 from __future__ import annotations
@@ -27,30 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import ConfigError, parse_spiffe_id
+from .pem import SigningKey, key_matches, read_certs, read_key, signing_key
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-#: Keys that can sign both certificates and TLS handshakes (what OpenSSL's
-#: use_privatekey takes).
-SigningKey = (
-    ec.EllipticCurvePrivateKey
-    | rsa.RSAPrivateKey
-    | dsa.DSAPrivateKey
-    | ed25519.Ed25519PrivateKey
-    | ed448.Ed448PrivateKey
-)
-
 #: Backdate certificates a little so a peer whose clock lags does not see them
 #: as "not yet valid".
 CLOCK_SKEW = dt.timedelta(minutes=5)
-#: Certificate and key files are small; refuse to slurp e.g. /dev/zero.
-MAX_PEM_BYTES = 1 << 20
 
 CA_CERT_NAME = "ca.crt"
 CA_KEY_NAME = "ca.key"
@@ -273,71 +262,6 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _read_file(path: Path, what: str, hint: str = "") -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(MAX_PEM_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read: {exc.strerror or exc}{hint}") from None
-    if len(data) > MAX_PEM_BYTES:
-        raise ConfigError(f"{what} {path}: larger than {MAX_PEM_BYTES} bytes, not a PEM file")
-    return data
-
-
-def read_certs(
-    path: Path | str, *, what: str = "certificate file", hint: str = ""
-) -> list[x509.Certificate]:
-    """Every certificate in a PEM file, in order; ConfigError if there is none.
-
-    ``hint`` is appended when the file cannot be read (e.g. how to create it).
-    """
-    path = Path(path)
-    data = _read_file(path, what, hint)
-    if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise ConfigError(
-            f"{what} {path}: no certificate (not PEM: no '-----BEGIN CERTIFICATE-----')"
-        )
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError as exc:
-        raise ConfigError(f"{what} {path}: malformed certificate: {_one_line(exc)}") from None
-    return certs
-
-
-def read_key(path: Path | str, *, what: str = "key file", hint: str = "") -> PrivateKeyTypes:
-    """The (unencrypted) private key in a PEM file."""
-    path = Path(path)
-    data = _read_file(path, what, hint)
-    if b"-----BEGIN" not in data or b"PRIVATE KEY-----" not in data:
-        raise ConfigError(
-            f"{what} {path}: no private key (not PEM: no '-----BEGIN ... PRIVATE KEY-----')"
-        )
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigError(f"{what} {path}: encrypted private keys are not supported") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"{what} {path}: malformed private key: {_one_line(exc)}") from None
-
-
-def signing_key(key: PrivateKeyTypes, path: Path | str, *, what: str = "key file") -> SigningKey:
-    """``key`` if it can sign certificates and TLS handshakes (not DH, X25519, ML-KEM...)."""
-    if not isinstance(key, SigningKey):
-        raise ConfigError(f"{what} {path}: unsupported key type {type(key).__name__}")
-    return key
-
-
-def key_matches(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
-    """True when ``key`` is the private half of ``cert``'s public key."""
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    return cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --- command line ------------------------------------------------------------

@@ -113,6 +113,29 @@ def describe(cert: x509.Certificate) -> str:
     return f"serial {cert.serial_number:x}"
 
 
+def describe_presented(cert: x509.Certificate) -> str:
+    """``describe(cert)`` plus its issuer and validity, for a refusal line: enough to
+    tell a rogue CA or a stale certificate from the workload that should be there."""
+    issuer = _cn(cert.issuer) or "(no CN)"
+    when = "%Y-%m-%d %H:%M:%S"
+    try:
+        valid = f"{cert.not_valid_before_utc:{when}}..{cert.not_valid_after_utc:{when}} UTC"
+    except ValueError:
+        valid = "unreadable dates"
+    return f"{describe(cert)}, issuer CN={issuer}, valid {valid}"
+
+
+def _cn(name: x509.Name) -> str | None:
+    try:
+        cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    if not cns:
+        return None
+    value = cns[0].value
+    return _safe(value if isinstance(value, str) else value.decode("latin-1"))
+
+
 def _safe(text: str) -> str:
     # Keep ordinary names readable; quote anything a log reader could be fooled by.
     return text if text.isprintable() and " " not in text else repr(text)

@@ -35,6 +35,7 @@ import trio
 
 from . import drift, tlspolicy
 from .config import ProxyConfig
+from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
 from .proxy import Sidecar, fmt_addr
 
@@ -46,12 +47,12 @@ log = logging.getLogger("trio_tproxy")
 RULES_POLL = 0.2
 
 
-def preflight(config: ProxyConfig) -> tlspolicy.Credentials:
+def preflight(config: ProxyConfig) -> Credentials:
     """Everything ``run`` needs, checked before touching the kernel.
 
     Raises ConfigError with one line naming what is missing."""
-    credentials = tlspolicy.load_credentials(config.tls)
-    tlspolicy.client_context(credentials, config.identity, groups=config.tls_groups)  # validates
+    credentials = load_credentials(config.tls)
+    tlspolicy.client_context(credentials, groups=config.tls_groups)  # validates
     if config.manage_rules:
         Installer(config.interception).preflight()
     return credentials
@@ -130,7 +131,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return leaves[0] if len(leaves) == 1 else group
 
 
-async def run(config: ProxyConfig, credentials: tlspolicy.Credentials) -> None:
+async def run(config: ProxyConfig, credentials: Credentials) -> None:
     """Serve until SIGTERM/SIGINT; remove what we installed on the way out."""
     installer = Installer(config.interception)
     sidecar = Sidecar(config, credentials)

@@ -1,17 +1,19 @@
-"""A plain TCP socket as a trio ``HalfCloseableStream``, built for relaying.
+"""A plain TCP socket as a relay :class:`~trio_tproxy.streams.Stream`.
 
-trio's own ``SocketStream`` yields to the scheduler after every successful
-send and receive, even when the kernel did not block; in a relay that is two
-extra scheduler rounds (and epoll calls) per message and leg, which profiling
-showed to be most of the cost of small messages.  Here, as in
-:class:`~trio_tproxy.tlsstream.TLSStream`:
+States, errors and scheduling are the shared ones (see :mod:`.streams`).
+What is particular to plain TCP:
 
-* ``receive_some`` yields exactly once: while waiting for data, or at a
-  checkpoint if data was already there (so a busy pump cannot starve others);
-* ``send_all`` yields only if the socket buffer is full.
-
-Errors become ``BrokenResourceError`` (``ConnectionReset`` for a reset) at
-this one edge; the socket is the caller's to close through ``aclose``.
+* Reads and writes are ``os.readv``/``os.write`` on the fd: no allocation but
+  the ``bytes`` handed out, and one shared staging buffer (filled and copied
+  out within one step of one task, with no await in between).
+* After a read that left the socket drained, the next read waits first: a read
+  now would almost surely be ``EAGAIN`` (saves a syscall per message).
+* A reset is reported once by the kernel: if a send already collected it, the
+  next read returns 0 as if the peer had sent FIN.  At EOF, while we have not
+  shut our own write side (after that, the peer's FIN also leaves the socket
+  CLOSE), ``kernel.was_reset`` tells the two apart and a hidden reset raises
+  :class:`~trio_tproxy.streams.ConnectionReset`.  One ``getsockopt`` per
+  connection, never per message.
 """
 
 from __future__ import annotations
@@ -21,44 +23,41 @@ import socket as _stdsocket
 
 import trio
 
-from .tlsstream import DEFAULT_RECEIVE_SIZE, RESET_ERRNOS, ConnectionReset
+from . import kernel
+from .streams import (
+    DEFAULT_RECEIVE_SIZE,
+    RESET_ERRNOS,
+    ConnectionReset,
+    State,
+    Stream,
+    reset_error,
+)
 
-#: Receive staging buffer shared by every stream: filled and copied out within
-#: one step of one task, with no await in between.
 _IN = memoryview(bytearray(DEFAULT_RECEIVE_SIZE))
 
 
-class PlainStream(trio.abc.HalfCloseableStream):
+class PlainStream(Stream):
     def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.socket = sock
-        self._fd = sock.fileno()
-        self._eof_sent = False
-        self._closed = False
-        self._sending = False
-        self._receiving = False
+        super().__init__(sock, "TCP stream")
         self._drained = False
 
     def _broken(self, exc: OSError) -> trio.BrokenResourceError:
+        """The one place OS errors become trio errors; the stream is BROKEN after."""
+        self._state = State.BROKEN
         if exc.errno in RESET_ERRNOS:
-            return ConnectionReset(f"connection reset by peer ({exc.strerror})")
+            return reset_error(exc.errno)
         return trio.BrokenResourceError(f"socket error: {exc}")
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("stream is closed")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
+            raise self._busy("receiving")
         self._receiving = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
+            self._check_usable()
             view = _IN[: min(max_bytes or DEFAULT_RECEIVE_SIZE, DEFAULT_RECEIVE_SIZE)]
             waited = False
             if self._drained:
-                # The last read emptied the socket: a read now would most
-                # likely fail with EAGAIN, so wait first (saves a syscall).
                 await trio.lowlevel.wait_readable(self._fd)
                 waited = True
             while True:
@@ -70,6 +69,9 @@ class PlainStream(trio.abc.HalfCloseableStream):
                     waited = True
                 except OSError as exc:
                     raise self._broken(exc) from exc
+            if n == 0 and not self._eof_sent and kernel.was_reset(self.socket):
+                self._state = State.BROKEN
+                raise ConnectionReset("connection reset by peer (seen as EOF)")
             self._drained = 0 < n < len(view)
             data = bytes(view[:n])
             if not waited:
@@ -80,11 +82,11 @@ class PlainStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
+            raise self._busy("sending")
         self._sending = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_open()
+            self._check_usable()
             if self._eof_sent:
                 raise trio.ClosedResourceError("cannot send after send_eof()")
             with memoryview(data) as view:
@@ -98,23 +100,24 @@ class PlainStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check_open()
-        await trio.lowlevel.wait_writable(self._fd)
-
     async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_open()
-        if self._eof_sent:
-            return
-        self._eof_sent = True
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
         try:
-            self.socket.shutdown(_stdsocket.SHUT_WR)
-        except OSError as exc:
-            raise self._broken(exc) from exc
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if self._eof_sent:
+                return
+            self._eof_sent = True
+            try:
+                self.socket.shutdown(_stdsocket.SHUT_WR)
+            except OSError as exc:
+                raise self._broken(exc) from exc
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.socket.close()
+        if self._state is not State.CLOSED:
+            self._close()
         await trio.lowlevel.checkpoint()

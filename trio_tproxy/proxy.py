@@ -8,29 +8,41 @@
   this pod.  We complete the handshake, verify the client's identity, dial the
   app on the original port, then relay.
 
-Each handler owns both legs: every path out of it (refusal, relay end,
-cancellation, a bug) closes both sockets.  A refusal is one log line with who,
-what and why, and one counter; it never disturbs other connections.
+Ownership of the sockets: the handler owns every leg until it hands both to
+:func:`~trio_tproxy.relay.relay`, which from then on is their only owner
+(it closes both, whatever happens).  A connection that never reaches the
+relay (refused, cancelled, a bug) is closed by its handler.
+
+Every accepted connection is logged and counted exactly once, whichever way
+it ends: a refusal is one warning line with who, what and why; every other
+end (ok, reset, truncated, timeout, cancelled - e.g. on SIGTERM - or error)
+is one ``trio_tproxy.conn`` line, and ``Stats.connections`` counts both by
+(direction, outcome).  The source address is the one ``accept()`` returned
+(``getpeername`` fails once the peer has reset).
+
+The accept loop sleeps on capacity errors (EMFILE, ENFILE, ENOBUFS, ENOMEM),
+logs one warning per burst, and lets every other error propagate.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket as _stdsocket
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
-from OpenSSL import SSL
 
 from . import kernel, tlspolicy
 from .config import ProxyConfig
-from .identity import IdentityError, describe
+from .credentials import Credentials
 from .plainstream import PlainStream
-from .relay import RelayResult, abort, relay
-from .tlsstream import TLSStream
+from .relay import RelayResult, relay
+from .sessions import SessionCache
+from .streams import Stream
 
 log = logging.getLogger("trio_tproxy")
 #: One line per finished connection; enabled from ``-v 1``.
@@ -38,11 +50,18 @@ conn_log = logging.getLogger("trio_tproxy.conn")
 
 Address = tuple[str, int]
 #: Dials the app for an ingress connection: (original destination, client) -> stream.
-IngressDialer = Callable[[Address, Address], Awaitable[trio.abc.HalfCloseableStream]]
+IngressDialer = Callable[[Address, Address], Awaitable[Stream]]
 #: Finds where an egress connection was going.
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
+#: Handles one accepted socket and the address accept() gave.
+Handler = Callable[[trio.socket.SocketType, Address], Awaitable[None]]
 
 _LOOPBACK: dict[int, str] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
+#: accept() failures that mean "out of a resource for now": wait, do not die.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: How long the accept loop sleeps after a capacity error, and how often it says so.
+CAPACITY_PAUSE = 0.1
+CAPACITY_WARN_EVERY = 10.0
 
 
 def fmt_addr(addr: Address) -> str:
@@ -67,15 +86,10 @@ class Stats:
 class Refused(Exception):
     """A connection we will not carry; ``str()`` is the reason for the log."""
 
-    def __init__(self, reason: str, *, alert_sent: bool = False) -> None:
-        super().__init__(reason)
-        #: The TLS handshake failed and OpenSSL queued an alert for the peer.
-        self.alert_sent = alert_sent
-
 
 async def open_listener(
     host: str, port: int, *, transparent: bool, mark: int | None, backlog: int = 4096
-) -> trio.SocketListener:
+) -> trio.socket.SocketType:
     sock = trio.socket.socket(_family(host), _stdsocket.SOCK_STREAM)
     try:
         sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
@@ -92,7 +106,50 @@ async def open_listener(
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
+
+
+async def accept_loop(
+    listener: trio.socket.SocketType,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept forever, one task per connection (in this loop's nursery)."""
+    warned_at: float | None = None
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                now = trio.current_time()
+                if warned_at is None or now - warned_at >= CAPACITY_WARN_EVERY:
+                    warned_at = now
+                    log.warning(
+                        "accept on %s paused: %s (new connections wait in the backlog)",
+                        fmt_addr(listener.getsockname()[:2]),
+                        errno.errorcode.get(exc.errno or 0, exc),
+                    )
+                await trio.sleep(CAPACITY_PAUSE)
+                continue
+            nursery.start_soon(handler, sock, (str(addr[0]), int(addr[1])))
+
+
+@dataclass
+class _Conn:
+    """One connection's facts, filled in as its handler learns them."""
+
+    direction: str
+    src: Address
+    dst: Address
+    start: float
+    leg: tlspolicy.TLSLeg | None = None
+    result: RelayResult | None = None
+    refusal: str | None = None
+    reported: bool = False
 
 
 class Sidecar:
@@ -101,25 +158,32 @@ class Sidecar:
     def __init__(
         self,
         config: ProxyConfig,
-        credentials: tlspolicy.Credentials,
+        credentials: Credentials,
         *,
         listen_hosts: tuple[str, ...] = ("127.0.0.1", "::1"),
         kernel_options: bool = True,
         egress_destination: DestinationLookup | None = None,
         ingress_dialer: IngressDialer | None = None,
+        ports: tuple[int, int] | None = None,
     ) -> None:
+        """``ports``: (egress, ingress) to bind instead of the configured ones; 0 lets
+        the kernel choose (tests): ``serve`` reports what was bound."""
         self.config = config
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
         groups = config.tls_groups
-        self.server_context = tlspolicy.server_context(credentials, config.identity, groups=groups)
-        self.client_context = tlspolicy.client_context(credentials, config.identity, groups=groups)
+        self.server_context = tlspolicy.server_context(credentials, groups=groups)
+        self.client_context = tlspolicy.client_context(credentials, groups=groups)
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
         self.stats = Stats()
-        self.sessions = tlspolicy.SessionCache(config.session_cache)
+        self.sessions = SessionCache(config.session_cache)
+        ic = config.interception
+        self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
+        #: Ports of our own listeners: never a destination we dial.
+        self.own_ports: frozenset[int] = frozenset(p for p in self.ports if p)
 
     # -- sockets we dial -------------------------------------------------------
 
@@ -148,195 +212,249 @@ class Sidecar:
 
     async def dial_app_on_loopback(self, dst: Address, client: Address) -> PlainStream:
         """Reach the app on the original port at the loopback of the same family."""
-        ic = self.config.interception
-        if dst[1] in (ic.tcp_port, ic.tls_port):
+        if dst[1] in self.own_ports:
             # Dialing our own listener would loop the connection back into us.
             raise Refused(f"port {dst[1]} is the proxy's own listener, not an app port")
         return PlainStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
 
+    def _dials_itself(self, dst: Address) -> bool:
+        """Egress to one of our own listener ports on an address of this pod.
+
+        Dialing it would accept it again, dial again...: one connection becomes
+        a chain that ends only when file descriptors run out.  Only a
+        destination on one of our ports costs a check (a bind probe).
+        """
+        if dst[1] not in self.own_ports:
+            return False
+        return _is_local_address(dst[0])
+
     # -- serving ---------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[dict[str, list[Address]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind both listeners on every host, then accept until cancelled.
+
+        Reports :attr:`bound` through ``task_status.started()`` once every
+        listener accepts (so tests can bind port 0).
+        """
         ic = self.config.interception
         mark = ic.bypass_mark if self.kernel_options else None
-        listeners: list[tuple[str, trio.SocketListener]] = []
+        listeners: list[tuple[str, trio.socket.SocketType]] = []
+        tcp_port, tls_port = self.ports
         try:
             for host in self.listen_hosts:
                 egress = await open_listener(
-                    host, ic.tcp_port, transparent=self.kernel_options, mark=None
+                    host, tcp_port, transparent=self.kernel_options, mark=None
                 )
                 listeners.append(("egress", egress))
                 ingress = await open_listener(
-                    host, ic.tls_port, transparent=self.kernel_options, mark=mark
+                    host, tls_port, transparent=self.kernel_options, mark=mark
                 )
                 listeners.append(("ingress", ingress))
             for kind, listener in listeners:
-                self.bound[kind].append(listener.socket.getsockname()[:2])
+                self.bound[kind].append(_address(listener.getsockname()))
+            self.own_ports = frozenset(
+                {*self.own_ports, *(addr[1] for addrs in self.bound.values() for addr in addrs)}
+            )
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
                     handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    nursery.start_soon(trio.serve_listeners, self._guard(handler), [listener])
-                task_status.started()
+                    await nursery.start(accept_loop, listener, handler)
+                task_status.started(self.bound)
         finally:
             for _, listener in listeners:
-                await listener.aclose()
-
-    def _guard(
-        self, handler: Callable[[trio.SocketStream], Awaitable[None]]
-    ) -> Callable[[trio.SocketStream], Awaitable[None]]:
-        """No connection may take the process down: log a bug, close, carry on."""
-
-        async def guarded(stream: trio.SocketStream) -> None:
-            self.stats.active += 1
-            try:
-                await handler(stream)
-            except Exception:
-                log.exception("internal error in connection handler; connection aborted")
-                self.stats.refusals[("internal", "bug")] += 1
-                await _abort_all([stream])
-            finally:
-                self.stats.active -= 1
-
-        return guarded
+                listener.close()
 
     # -- handlers --------------------------------------------------------------
 
-    async def handle_egress(self, accepted: trio.SocketStream) -> None:
-        start = trio.current_time()
-        app = PlainStream(accepted.socket)
-        src = _peer(app.socket)
-        dst = self.egress_destination(app.socket)
-        legs: list[trio.abc.HalfCloseableStream] = [app]
+    async def handle_egress(self, sock: trio.socket.SocketType, src: Address) -> None:
+        conn = _Conn("egress", src, ("?", 0), trio.current_time())
+        app = PlainStream(sock)
+        #: Legs this handler still owns (the relay takes both).
+        legs: list[Stream] = [app]
+        self.stats.active += 1
+        ended = "error"
         try:
-            sock = await self.dial(dst)
-            tls = TLSStream(sock, tlspolicy.new_connection(self.client_context, sock, server=False))
-            legs.append(tls)
-            self.sessions.offer(tls.conn, dst)
-            peer = await self._handshake(
-                tls, lambda: tlspolicy.verify_server(tls.conn, self.config.identity, dst[0])
+            conn.dst = dst = self.egress_destination(sock)
+            if self._dials_itself(dst):
+                raise Refused(f"{fmt_addr(dst)} is this sidecar's own listener")
+            tls_sock = await self.dial(dst)
+            leg = await tlspolicy.connect(
+                self.client_context,
+                tls_sock,
+                self.config.identity,
+                dst,
+                handshake_timeout=self.config.timeouts.handshake,
+                sessions=self.sessions,
             )
-            result = await relay(app, tls, half_close_timeout=self.config.timeouts.half_close)
-            if result.outcome == "ok":
-                self.sessions.keep(tls.conn, dst)  # the ticket came with the data
-            self._finished(
-                "egress", src, dst, peer, tls, result.a_to_b, result.b_to_a, result, start
+            conn.leg = leg
+            legs.append(leg.stream)
+            conn.result = RelayResult()
+            legs.clear()  # from here on the relay owns and closes both legs
+            await relay(
+                app,
+                leg.stream,
+                half_close_timeout=self.config.timeouts.half_close,
+                result=conn.result,
             )
+            if conn.result.outcome == "ok":
+                tlspolicy.keep_session(self.sessions, leg, dst)  # the ticket came with the data
+            ended = "relayed"
         except Refused as exc:
-            self._refuse("egress", src, dst, str(exc))
+            conn.refusal, ended = str(exc), "refused"
+        except tlspolicy.HandshakeFailed as exc:
+            conn.refusal, ended = str(exc), "refused"
+            self._report(conn, ended)  # now: closing may take the alert's grace period
             if exc.alert_sent:
-                await abort(app)  # the app learns at once; the peer gets our alert
-                await tls.close_after_alert()
-        finally:
-            await _abort_all(legs)  # no-op for legs the relay already closed
-
-    async def handle_ingress(self, raw: trio.SocketStream) -> None:
-        start = trio.current_time()
-        src = _peer(raw.socket)
-        dst = kernel.original_destination(raw.socket)
-        tls = TLSStream(
-            raw.socket, tlspolicy.new_connection(self.server_context, raw.socket, server=True)
-        )
-        legs: list[trio.abc.HalfCloseableStream] = [tls]
-        try:
-            peer = await self._handshake(
-                tls, lambda: tlspolicy.verify_client(tls.conn, self.config.identity)
-            )
-            app = await self.ingress_dialer(dst, src)
-            legs.append(app)
-            result = await relay(tls, app, half_close_timeout=self.config.timeouts.half_close)
-            self._finished(
-                "ingress", src, dst, peer, tls, result.b_to_a, result.a_to_b, result, start
-            )
-        except Refused as exc:
-            self._refuse("ingress", src, dst, str(exc))
-            if exc.alert_sent:
-                await tls.close_after_alert()
+                with trio.CancelScope(shield=True):
+                    await app.abort()  # the app learns at once; the peer gets our alert
+                await exc.stream.close_after_alert()
+            else:
+                legs.append(exc.stream)
+        except trio.Cancelled:
+            ended = "cancelled"
+            raise
+        except Exception:
+            log.exception("internal error in egress handler; connection aborted")
         finally:
             await _abort_all(legs)
+            self._report(conn, ended)
 
-    async def _handshake(
-        self, tls: TLSStream, verify: Callable[[], tlspolicy.PeerIdentity]
-    ) -> tlspolicy.PeerIdentity:
-        """Handshake within the timeout, then the identity check; Refused on failure."""
+    async def handle_ingress(self, sock: trio.socket.SocketType, src: Address) -> None:
+        conn = _Conn("ingress", src, ("?", 0), trio.current_time())
+        raw: trio.socket.SocketType | None = sock
+        legs: list[Stream] = []
+        self.stats.active += 1
+        ended = "error"
         try:
-            with trio.fail_after(self.config.timeouts.handshake):
-                await tls.do_handshake()
-            return verify()
-        except trio.TooSlowError:
-            raise Refused(
-                f"TLS handshake timed out after {self.config.timeouts.handshake:g}s"
-            ) from None
-        except IdentityError as exc:
-            raise Refused(f"identity rejected: {exc} (presented {_presented(tls)})") from None
-        except trio.BrokenResourceError as exc:
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            raise Refused(
-                f"TLS handshake failed: {tlspolicy.explain(cause, tls.conn)}"
-                f" (presented {_presented(tls)})",
-                alert_sent=True,
-            ) from None
+            conn.dst = dst = kernel.original_destination(sock)
+            raw = None  # tlspolicy.accept owns it from here, then the leg does
+            leg = await tlspolicy.accept(
+                self.server_context,
+                sock,
+                self.config.identity,
+                handshake_timeout=self.config.timeouts.handshake,
+            )
+            conn.leg = leg
+            legs.append(leg.stream)
+            app = await self.ingress_dialer(dst, src)
+            legs.append(app)
+            conn.result = RelayResult()
+            legs.clear()  # from here on the relay owns and closes both legs
+            await relay(
+                leg.stream,
+                app,
+                half_close_timeout=self.config.timeouts.half_close,
+                result=conn.result,
+            )
+            ended = "relayed"
+        except Refused as exc:
+            conn.refusal, ended = str(exc), "refused"
+        except tlspolicy.HandshakeFailed as exc:
+            conn.refusal, ended = str(exc), "refused"
+            self._report(conn, ended)  # now: closing may take the alert's grace period
+            if exc.alert_sent:
+                await exc.stream.close_after_alert()
+            else:
+                legs.append(exc.stream)
+        except trio.Cancelled:
+            ended = "cancelled"
+            raise
+        except Exception:
+            log.exception("internal error in ingress handler; connection aborted")
+        finally:
+            if raw is not None:
+                _abort_socket(raw)
+            await _abort_all(legs)
+            self._report(conn, ended)
 
     # -- outcomes --------------------------------------------------------------
 
-    def _refuse(self, direction: str, src: Address, dst: Address, reason: str) -> None:
-        self.stats.connections[(direction, "refused")] += 1
-        self.stats.refusals[(direction, _reason_key(reason))] += 1
-        log.warning("%s %s -> %s refused: %s", direction, fmt_addr(src), fmt_addr(dst), reason)
-
-    def _finished(
-        self,
-        direction: str,
-        src: Address,
-        dst: Address,
-        peer: tlspolicy.PeerIdentity,
-        tls: TLSStream,
-        sent: int,
-        received: int,
-        result: RelayResult,
-        start: float,
-    ) -> None:
-        """``sent``: app -> peer bytes; ``received``: peer -> app bytes."""
+    def _report(self, conn: _Conn, ended: str) -> None:
+        """The one log line and count of a connection (see the module docstring)."""
+        if conn.reported:
+            return
+        conn.reported = True
+        self.stats.active -= 1
+        direction = conn.direction
+        if conn.refusal is not None:
+            reason = conn.refusal
+            self.stats.connections[(direction, "refused")] += 1
+            self.stats.refusals[(direction, _reason_key(reason))] += 1
+            log.warning(
+                "%s %s -> %s refused: %s", direction, fmt_addr(conn.src), fmt_addr(conn.dst), reason
+            )
+            return
+        result = conn.result
+        if result is None:  # ended before the relay: cancelled or a bug
+            outcome = "cancelled" if ended == "cancelled" else "error"
+            result = RelayResult(outcome=outcome, detail="before the relay started")
+            if outcome == "error":
+                self.stats.refusals[("internal", "bug")] += 1
+        # The relay's a is the app's leg on egress, the peer's on ingress.
+        if direction == "egress":
+            sent, received = result.a_to_b, result.b_to_a
+        else:
+            sent, received = result.b_to_a, result.a_to_b
         self.stats.connections[(direction, result.outcome)] += 1
         self.stats.bytes[f"{direction}_sent"] += sent
         self.stats.bytes[f"{direction}_received"] += received
         if conn_log.isEnabledFor(logging.INFO):
+            leg = conn.leg
+            resumed = None if leg is None else leg.resumed
             conn_log.info(
                 "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s "
                 "handshake=%s%s",
                 direction,
-                fmt_addr(src),
-                fmt_addr(dst),
-                peer.description,
-                tlspolicy.tls_info(tls.conn),
+                fmt_addr(conn.src),
+                fmt_addr(conn.dst),
+                "-" if leg is None else leg.peer.description,
+                "-" if leg is None else leg.info,
                 sent,
                 received,
-                trio.current_time() - start,
+                trio.current_time() - conn.start,
                 result.outcome,
-                "resumed" if tlspolicy.session_reused(tls.conn) else "full",
+                "resumed" if resumed else "-" if resumed is None else "full",
                 f" ({result.detail})" if result.detail else "",
             )
 
 
-async def _abort_all(legs: Sequence[trio.abc.Stream]) -> None:
+async def _abort_all(legs: list[Stream]) -> None:
     with trio.CancelScope(shield=True):
         for leg in legs:
-            await abort(leg)
+            await leg.abort()
 
 
-def _peer(sock: trio.socket.SocketType) -> Address:
+def _abort_socket(sock: trio.socket.SocketType) -> None:
     try:
-        host, port = sock.getpeername()[:2]
-        return str(host), int(port)
+        kernel.set_abort_on_close(sock)
     except OSError:
-        return ("?", 0)
+        pass
+    sock.close()
 
 
-def _presented(tls: TLSStream) -> str:
+def _address(name: object) -> Address:
+    assert isinstance(name, tuple)
+    return str(name[0]), int(name[1])
+
+
+def _is_local_address(host: str) -> bool:
+    """Whether ``host`` is an address of this network namespace (or unspecified)."""
     try:
-        cert = tls.conn.get_peer_certificate(as_cryptography=True)
-    except SSL.Error:
-        cert = None
-    return describe(cert) if cert is not None else "no certificate"
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    probe = _stdsocket.socket(_family(host), _stdsocket.SOCK_STREAM)
+    try:
+        probe.bind((host, 0))  # only a local address can be bound (no IP_FREEBIND)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _reason_key(reason: str) -> str:

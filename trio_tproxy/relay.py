@@ -1,34 +1,29 @@
-"""Relay bytes between two half-closeable streams, carrying FIN and RST across.
+"""Relay bytes between two relay streams: the thin I/O adapter of :mod:`.relaypolicy`.
 
-One call of :func:`relay` is one connection: a nursery that owns both legs
-and runs one pump per direction.  The policy is small enough to be a table:
+One call of :func:`relay` is one connection: a nursery that owns both legs and
+runs one pump per direction (one of them in the caller's task: one task less
+per connection).  A pump reads its source leg and writes the other; every
+event other than data (EOF, EOF forwarded, an error, the half-close deadline,
+cancellation) goes through :func:`.relaypolicy.step`, and the adapter carries
+out the actions it returns: ``send_eof`` on the other leg, arming the
+half-close timer, stopping both pumps, and closing both legs gracefully or
+with a reset.
 
-====================================  =========================================
-event on one leg                      what the relay does
-====================================  =========================================
-data                                  ``send_all`` it on the other leg
-clean EOF (FIN, or close_notify)      ``send_eof()`` on the other leg; the
-                                      opposite direction keeps flowing, for at
-                                      most ``half_close_timeout`` seconds
-both directions ended cleanly         close both legs gracefully
-reset, truncation, TLS alert, any     abort both legs (RST)
-error, half-close timeout,
-cancellation
-====================================  =========================================
-
-Whatever happens, both sockets are closed before :func:`relay` returns or
-raises: the closing runs in a ``finally`` shielded from cancellation and
-never waits on the network (an abort is ``SO_LINGER {1, 0}`` + ``close``).
+:func:`relay` is the only owner of closing both legs: whatever happens, both
+are closed before it returns or raises.  The closing runs in a ``finally``
+shielded from cancellation and never waits on the network (an abort is
+``SO_LINGER {1, 0}`` + ``close``); without a verdict (a bug) it aborts.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import trio
 
-from . import kernel
-from .tlsstream import RESET_ERRNOS, ConnectionReset, TLSAlertError, TLSStream, TruncatedError
+from .relaypolicy import LEG_ERRORS, Action, Dir, Event, State, classify, step
+from .streams import Stream
 
 #: Bytes asked of one leg per read.
 CHUNK = 256 * 1024
@@ -47,117 +42,75 @@ class RelayResult:
     detail: str = ""
 
 
-def classify(exc: BaseException) -> str:
-    """Name a failure the way the logs and counters do."""
-    if isinstance(exc, TruncatedError):
-        return "truncated"
-    if isinstance(exc, ConnectionReset):
-        return "reset"
-    if isinstance(exc, TLSAlertError):
-        return "tls-error"
-    cause = exc.__cause__ or exc.__context__
-    for candidate in (exc, cause):
-        if isinstance(candidate, OSError) and candidate.errno in RESET_ERRNOS:
-            return "reset"
-    return "error"
-
-
-def _reset_behind_eof(stream: trio.abc.Stream) -> bool:
-    """A plain TCP leg's EOF that really was a reset (see kernel.was_reset).
-
-    TLS legs need no check: without close_notify an EOF is a truncation anyway.
-    """
-    sock = getattr(stream, "socket", None)
-    return not isinstance(stream, TLSStream) and sock is not None and kernel.was_reset(sock)
-
-
-async def abort(stream: trio.abc.Stream) -> None:
-    """Close ``stream`` so that its peer sees a reset."""
-    if isinstance(stream, TLSStream):
-        await stream.abort()
-        return
-    sock = getattr(stream, "socket", None)
-    if sock is not None:
-        try:
-            kernel.set_abort_on_close(sock)
-        except OSError:
-            pass  # already closed or dead: closing is all that is left
-    await stream.aclose()
-
-
 async def relay(
-    a: trio.abc.HalfCloseableStream,
-    b: trio.abc.HalfCloseableStream,
+    a: Stream,
+    b: Stream,
     *,
     half_close_timeout: float = 60.0,
+    result: RelayResult | None = None,
 ) -> RelayResult:
     """Carry bytes both ways until both directions end; close both legs.
 
-    Returns a :class:`RelayResult`; raises only ``trio.Cancelled`` (after
-    aborting both legs) when the caller's scope is cancelled.
+    Returns ``result`` (a new :class:`RelayResult` if None), filled in; raises
+    only ``trio.Cancelled`` (after aborting both legs, with ``result.outcome``
+    "cancelled") when the caller's scope is cancelled.
     """
-    result = RelayResult()
-    failed: list[tuple[str, BaseException]] = []
-    directions_done = 0
-    #: Legs we have sent EOF on.
-    shut: list[trio.abc.HalfCloseableStream] = []
-    graceful = False
+    if result is None:
+        result = RelayResult()
+    out = result
+    state = State()
+    closing = Action.ABORT_BOTH
 
-    async def pump(
-        src: trio.abc.HalfCloseableStream,
-        dst: trio.abc.HalfCloseableStream,
-        name: str,
-        scope: trio.CancelScope,
-    ) -> None:
-        nonlocal directions_done
+    def apply(event: Event, direction: Dir | None, scope: trio.CancelScope, **kw: str) -> bool:
+        """Step the table; carry out what needs no await.  True: send EOF now."""
+        nonlocal state, closing
+        state, actions = step(state, event, direction, **kw)
+        for action in actions:
+            if action is Action.ARM_TIMER:
+                scope.deadline = min(scope.deadline, trio.current_time() + half_close_timeout)
+            elif action is Action.STOP:
+                scope.cancel()
+            elif action is Action.CLOSE_BOTH or action is Action.ABORT_BOTH:
+                closing = action
+        return Action.SEND_EOF in actions
+
+    async def pump(src: Stream, dst: Stream, d: Dir, scope: trio.CancelScope) -> None:
         try:
-            while True:
-                data = await src.receive_some(CHUNK)
-                if not data:
-                    # Only meaningful while we have not shut src's write side:
-                    # after our FIN, the peer's FIN also leaves the socket CLOSE.
-                    if src not in shut and _reset_behind_eof(src):
-                        raise ConnectionReset("connection reset by peer (seen as EOF)")
-                    shut.append(dst)
-                    await dst.send_eof()
-                    break
-                await dst.send_all(data)
-                if name == "a->b":
-                    result.a_to_b += len(data)
-                else:
-                    result.b_to_a += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            failed.append((name, exc))
-            scope.cancel()
-            return
-        directions_done += 1
-        if directions_done == 1:
-            # One way is finished: the other gets a bounded time to finish too.
-            scope.deadline = min(scope.deadline, trio.current_time() + half_close_timeout)
+            if d is Dir.A_TO_B:
+                while data := await src.receive_some(CHUNK):
+                    await dst.send_all(data)  # the table's DATA row: forward
+                    out.a_to_b += len(data)
+            else:
+                while data := await src.receive_some(CHUNK):
+                    await dst.send_all(data)
+                    out.b_to_a += len(data)
+            if apply(Event.EOF, d, scope):
+                await dst.send_eof()
+            apply(Event.EOF_SENT, d, scope)
+        except LEG_ERRORS as exc:
+            if not state.done:
+                out.detail = f"{d.label}: {exc}"
+            apply(Event.ERROR, d, scope, outcome=classify(exc))
 
     try:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, b, a, "b->a", scope)
-                await pump(a, b, "a->b", scope)  # in this task: one task less per connection
-        if failed:
-            name, exc = failed[0]
-            result.outcome = classify(exc)
-            result.detail = f"{name}: {exc}"
-        elif scope.cancelled_caught:
-            result.outcome = "timeout"
-            result.detail = f"half-closed for more than {half_close_timeout:g}s"
-        else:
-            graceful = True
-        return result
-    except trio.Cancelled:
-        result.outcome = "cancelled"
-        raise
+                nursery.start_soon(pump, b, a, Dir.B_TO_A, scope)
+                await pump(a, b, Dir.A_TO_B, scope)
+        if not state.done and scope.cancelled_caught:
+            apply(Event.TIMEOUT, None, scope)
+            out.detail = f"half-closed for more than {half_close_timeout:g}s"
+        return out
     finally:
+        if not state.done and trio.current_effective_deadline() == -math.inf:
+            # Cancelled from outside (it may arrive as a group of Cancelled).
+            apply(Event.CANCEL, None, scope)
+        # No verdict at all: a bug escaped a pump; abort (closing's default).
+        out.outcome = state.outcome or "error"
         with trio.CancelScope(shield=True):
-            if graceful:
+            if closing is Action.CLOSE_BOTH:
                 await a.aclose()
                 await b.aclose()
             else:
-                await abort(a)
-                await abort(b)
+                await a.abort()
+                await b.abort()

@@ -1,14 +1,14 @@
-"""TLS policy: our credentials, the pyOpenSSL contexts, and the checks after a handshake.
+"""TLS policy: the pyOpenSSL contexts, the checks after a handshake, and the TLS leg.
 
-Why one module: every security decision about TLS is here and nowhere else, so
-it can be read (and tested with real handshakes) in one place. The stream that
-drives a handshake over trio lives in :mod:`trio_tproxy.tlsstream`; it knows
-nothing about certificates.
+Why one module: every security decision about TLS is here, so it can be read
+(and tested with real handshakes) in one place.  Around it, each with one job:
+:mod:`.credentials` reads and checks our files; :mod:`.tlsstream` drives a
+handshake and the bytes over trio and knows nothing about certificates;
+:mod:`.tlserrors` turns OpenSSL errors into reasons; :mod:`.sessions` keeps
+sessions to resume; :mod:`.ossl` holds every private pyOpenSSL binding.
 
 The decisions:
 
-* Credentials come from files only (no built-in key, ever) and are checked at
-  startup: each problem is one :class:`ConfigError` line naming the file.
 * Both contexts trust only the configured CA bundle (never the system roots:
   a public CA must not be able to mint a mesh identity). TLS 1.2 is the floor,
   1.3 is preferred; TLS 1.2 is limited to ECDHE with AEAD ciphers. No
@@ -17,29 +17,34 @@ The decisions:
 * The server requires a client certificate; the client requires a server
   certificate. OpenSSL checks the chain and dates; names are checked after the
   handshake by :mod:`trio_tproxy.identity` (pyOpenSSL has no name check).
-* OpenSSL's own error for a refused chain is just "certificate verify failed".
-  A verify callback keeps the first X.509 error per connection in a
-  :class:`HandshakeNotes` (the Connection's app data), so :func:`explain` can
-  say "unknown CA" or "certificate expired" in the log line instead.
+* A verify callback records, never decides: the first X.509 error and the
+  certificate the peer presented go into the connection's
+  :class:`HandshakeNotes`, so a refusal can say "unknown CA" and name the
+  certificate (OpenSSL itself only says "certificate verify failed").
+
+The proxy sees none of pyOpenSSL: :func:`connect` (egress) and :func:`accept`
+(ingress) run the handshake within a deadline and the identity check, and
+return a :class:`TLSLeg` (the stream, the verified peer, version, cipher,
+resumption) or raise :class:`HandshakeFailed` with the reason for the log line.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import errno
-import re
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import trio
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL, crypto
 
-from . import identity
-from .certs import SigningKey, key_matches, read_certs, read_key, signing_key
-from .config import ConfigError, IdentityPolicy, TLSFiles
+from . import identity, ossl
+from .config import IdentityPolicy
+from .credentials import Credentials
 from .identity import IdentityError
+from .sessions import SessionCache
+from .tlserrors import VerifyError, explain
+from .tlsstream import TLSStream
 
 #: TLS 1.2 only (TLS 1.3 suites are all AEAD and set separately): forward
 #: secrecy and authenticated encryption, nothing else.
@@ -48,131 +53,20 @@ TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 #: (without it OpenSSL aborts such a handshake with an internal error).
 SESSION_ID_CONTEXT = b"trio-tproxy"
 
-_CREATE_HINT = (
-    " (create one with `trio-tproxy certs ca --out DIR` then `trio-tproxy certs issue"
-    " --ca-dir DIR --out DIR --name NAME --spiffe-id spiffe://TRUST-DOMAIN/ns/NS/sa/SA`)"
-)
-_CREATE_CA_HINT = " (create one with `trio-tproxy certs ca --out DIR`, or use your cluster's CA)"
-
-
-# --- credentials -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Our certificate chain, key and trusted CAs, parsed and checked once."""
-
-    files: TLSFiles
-    #: Our leaf certificate (the first one in ``files.cert``).
-    cert: x509.Certificate
-    #: Its SPIFFE ID, when it carries exactly one.
-    spiffe_id: str | None
-    not_after: dt.datetime
-    #: Intermediates that followed the leaf in ``files.cert``.
-    chain: tuple[x509.Certificate, ...]
-    key: SigningKey = field(repr=False)
-    ca_certs: tuple[x509.Certificate, ...] = field(repr=False)
-
-
-def load_credentials(files: TLSFiles, *, now: dt.datetime | None = None) -> Credentials:
-    """Read and check our certificate, key and CA bundle; ConfigError names the bad file."""
-    now = now or dt.datetime.now(dt.UTC)
-    if now.tzinfo is None:  # naive means UTC, as in cryptography
-        now = now.replace(tzinfo=dt.UTC)
-    certs = read_certs(files.cert, what="certificate file", hint=_CREATE_HINT)
-    key = signing_key(read_key(files.key, what="key file", hint=_CREATE_HINT), files.key)
-    cas = read_certs(files.ca_cert, what="CA file", hint=_CREATE_CA_HINT)
-    leaf = certs[0]
-    if not key_matches(leaf, key):
-        raise ConfigError(f"key file {files.key} does not match certificate {files.cert}")
-    _check_dates(leaf, now, f"certificate file {files.cert}")
-    _check_eku(leaf, files)
-    if all(ca.not_valid_after_utc < now for ca in cas):
-        raise ConfigError(
-            f"CA file {files.ca_cert}: every certificate has expired "
-            f"(latest on {_fmt(max(ca.not_valid_after_utc for ca in cas))})"
-        )
-    ids = identity.spiffe_ids(leaf)
-    return Credentials(
-        files=files,
-        cert=leaf,
-        spiffe_id=ids[0] if len(ids) == 1 else None,
-        not_after=leaf.not_valid_after_utc,
-        chain=tuple(certs[1:]),
-        key=key,
-        ca_certs=tuple(cas),
-    )
-
-
-def _check_dates(cert: x509.Certificate, now: dt.datetime, what: str) -> None:
-    if now > cert.not_valid_after_utc:
-        raise ConfigError(f"{what}: certificate expired on {_fmt(cert.not_valid_after_utc)}")
-    if now < cert.not_valid_before_utc:
-        raise ConfigError(
-            f"{what}: certificate not yet valid (from {_fmt(cert.not_valid_before_utc)})"
-        )
-
-
-def _check_eku(cert: x509.Certificate, files: TLSFiles) -> None:
-    # Each sidecar is a TLS server (ingress) and a client (egress): a certificate
-    # restricted to one role would fail half the traffic, at the peers, later.
-    try:
-        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return  # no EKU means any purpose
-    except ValueError as exc:
-        raise ConfigError(f"certificate file {files.cert}: malformed extensions: {exc}") from None
-    for oid, role in (
-        (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
-        (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
-    ):
-        if oid not in usages:
-            raise ConfigError(
-                f"certificate file {files.cert}: extended key usage lacks {role}"
-                " (a sidecar is both TLS server and client)"
-            )
-
-
-def _fmt(when: dt.datetime) -> str:
-    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
-
 
 # --- contexts and connections ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VerifyError:
-    """The first X.509 error OpenSSL met while checking the peer's chain."""
-
-    code: int
-    text: str
-    #: 0 is the peer's own certificate, 1 its issuer, ...
-    depth: int
-
-    @property
-    def reason(self) -> str:
-        return _VERIFY_REASONS.get(self.code, f"certificate verify failed: {self.text}")
-
-
-# X509_V_ERR_* codes (stable across OpenSSL versions) -> the reasons we log.
-_VERIFY_REASONS = {
-    2: "unknown CA",  # unable to get issuer certificate
-    9: "certificate not yet valid",
-    10: "certificate expired",
-    18: "unknown CA",  # self-signed certificate
-    19: "unknown CA",  # self-signed certificate in chain
-    20: "unknown CA",  # unable to get local issuer certificate
-    21: "unknown CA",  # unable to verify the first certificate
-}
 
 
 class HandshakeNotes:
     """Per-connection facts the verify callback learns (the Connection's app data)."""
 
-    __slots__ = ("verify_error",)
+    __slots__ = ("presented", "verify_error")
 
     def __init__(self) -> None:
         self.verify_error: VerifyError | None = None
+        #: The peer's own certificate as it reached the verify callback: there
+        #: even when the handshake failed and get_peer_certificate has nothing.
+        self.presented: crypto.X509 | None = None
 
 
 def notes(conn: SSL.Connection) -> HandshakeNotes | None:
@@ -183,25 +77,13 @@ def notes(conn: SSL.Connection) -> HandshakeNotes | None:
 def _on_verify(conn: SSL.Connection, cert: crypto.X509, code: int, depth: int, ok: int) -> bool:
     # Record, never decide: returning OpenSSL's own verdict keeps the chain
     # check entirely OpenSSL's. Only the first error is kept (it is the cause).
-    if not ok:
-        n = notes(conn)
-        if n is not None and n.verify_error is None:
-            n.verify_error = VerifyError(code, _verify_text(code), depth)
+    n = notes(conn)
+    if n is not None:
+        if depth == 0:
+            n.presented = cert
+        if not ok and n.verify_error is None:
+            n.verify_error = VerifyError(code, ossl.verify_error_text(code), depth)
     return bool(ok)
-
-
-def _verify_text(code: int) -> str:
-    try:
-        lib: Any = SSL._lib  # type: ignore[attr-defined]
-        ffi: Any = SSL._ffi  # type: ignore[attr-defined]
-        return str(ffi.string(lib.X509_verify_cert_error_string(code)).decode("ascii", "replace"))
-    except (AttributeError, TypeError):  # private bindings moved: the number still helps
-        return f"X509 error {code}"
-
-
-#: pyOpenSSL's cffi binding, for the few calls it has no public name for
-#: (clear_mode, set1_groups, session_reused).
-_LIB: Any = getattr(SSL, "_lib")  # noqa: B009
 
 
 def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Context:
@@ -210,8 +92,7 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
         # Key-exchange groups, e.g. "X25519:P-256" to leave out the ML-KEM
         # hybrid of OpenSSL's default (less CPU and memory per handshake,
         # no protection against harvest-now-decrypt-later).
-        if _LIB.SSL_CTX_set1_curves_list(ctx._context, groups.encode()) != 1:
-            raise ConfigError(f"invalid --tls-groups {groups!r}: OpenSSL rejected it")
+        ossl.set_groups(ctx, groups)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(TLS12_CIPHERS)
     options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
@@ -224,7 +105,7 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
     # pyOpenSSL turns on partial writes, so SSL_write returns after every 16 KiB
     # record; without them one call encrypts and sends a whole 256 KiB buffer
     # (a retry after WANT_WRITE passes the same buffer, as OpenSSL requires).
-    _LIB.SSL_CTX_clear_mode(ctx._context, _LIB.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    ossl.clear_partial_write(ctx)
 
     ctx.use_certificate(creds.cert)
     for extra in creds.chain:
@@ -244,19 +125,17 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
     return ctx
 
 
-def server_context(
-    creds: Credentials, policy: IdentityPolicy, *, groups: str | None = None
-) -> SSL.Context:
-    """The ingress context: client certificate required, chained to our CA bundle."""
-    del policy  # names are checked after the handshake (verify_client)
+def server_context(creds: Credentials, *, groups: str | None = None) -> SSL.Context:
+    """The ingress context: client certificate required, chained to our CA bundle.
+
+    Names are checked after the handshake (:func:`verify_client`)."""
     return _context(creds, server=True, groups=groups)
 
 
-def client_context(
-    creds: Credentials, policy: IdentityPolicy, *, groups: str | None = None
-) -> SSL.Context:
-    """The egress context: server certificate chained to our CA bundle."""
-    del policy  # names are checked after the handshake (verify_server)
+def client_context(creds: Credentials, *, groups: str | None = None) -> SSL.Context:
+    """The egress context: server certificate chained to our CA bundle.
+
+    Names are checked after the handshake (:func:`verify_server`)."""
     return _context(creds, server=False, groups=groups)
 
 
@@ -318,127 +197,150 @@ def verify_client(conn: SSL.Connection, policy: IdentityPolicy) -> PeerIdentity:
     return PeerIdentity(None, identity.describe(cert))
 
 
-def session_reused(conn: SSL.Connection) -> bool:
-    """Whether the handshake resumed a session (pyOpenSSL has no public name)."""
-    return bool(_LIB.SSL_session_reused(conn._ssl))
+@dataclass(frozen=True)
+class TLSLeg:
+    """A TLS connection past its handshake and identity check, ready to relay."""
+
+    stream: TLSStream
+    peer: PeerIdentity
+    #: e.g. "TLSv1.3"
+    version: str
+    #: e.g. "TLS_AES_256_GCM_SHA384"
+    cipher: str
+    #: Whether the handshake resumed a session (None: cannot tell, see ossl).
+    resumed: bool | None
+
+    @property
+    def info(self) -> str:
+        """e.g. ``"TLSv1.3 TLS_AES_256_GCM_SHA384"``."""
+        return f"{self.version} {self.cipher}"
 
 
-class SessionCache:
-    """TLS sessions to resume, one per original destination, most recent first.
+class HandshakeFailed(Exception):
+    """The handshake or the identity check refused the peer; ``str()`` says why.
 
-    Resumption skips the certificate signature and chain verification of a
-    full handshake (the larger part of its CPU).  The session still carries
-    the peer's certificate, whose identity is checked again on every
-    connection; the server bounds a session's life (OpenSSL: 300 s).
+    ``stream`` is still open: the caller closes it (``close_after_alert()``
+    when ``alert_sent``, so the peer reads our alert; otherwise ``abort()``).
     """
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._sessions: OrderedDict[tuple[str, int], SSL.Session] = OrderedDict()
+    def __init__(self, reason: str, stream: TLSStream, *, alert_sent: bool) -> None:
+        super().__init__(reason)
+        self.stream = stream
+        self.alert_sent = alert_sent
 
-    def offer(self, conn: SSL.Connection, dst: tuple[str, int]) -> None:
-        """Before the handshake: propose the last session with ``dst``, if any."""
-        session = self._sessions.get(dst)
-        if session is not None:
-            conn.set_session(session)
 
-    def keep(self, conn: SSL.Connection, dst: tuple[str, int]) -> None:
-        """After a connection to ``dst`` went well: remember its newest session."""
-        if self.size <= 0:
-            return
-        session = conn.get_session()
-        if session is None:
-            return
-        self._sessions[dst] = session
-        self._sessions.move_to_end(dst)
-        while len(self._sessions) > self.size:
-            self._sessions.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
+def leg_info(conn: SSL.Connection) -> tuple[str, str, bool | None]:
+    return (
+        conn.get_protocol_version_name(),
+        conn.get_cipher_name() or "(no cipher)",
+        ossl.session_reused(conn),
+    )
 
 
 def tls_info(conn: SSL.Connection) -> str:
     """e.g. ``"TLSv1.3 TLS_AES_256_GCM_SHA384"``."""
-    return f"{conn.get_protocol_version_name()} {conn.get_cipher_name() or '(no cipher)'}"
+    version, cipher, _ = leg_info(conn)
+    return f"{version} {cipher}"
 
 
-# --- explaining failures ---------------------------------------------------------------
-
-_ALERT = re.compile(r"^(?:sslv3|tlsv1|tlsv13|tls) alert ")
-_REASONS = {
-    "peer did not return a certificate": "no client certificate",
-    "http request": "plaintext HTTP on TLS port",
-    "https proxy request": "plaintext HTTP on TLS port",
-    "wrong version number": "not TLS",
-    "packet length too long": "not TLS",
-    "unknown protocol": "not TLS",
-    "unsupported protocol": "TLS version not supported",
-    "no protocols available": "TLS version not supported",
-    "unsupported version": "TLS version not supported",
-    "version too low": "TLS version not supported",
-}
+def presented(conn: SSL.Connection) -> str:
+    """The certificate the peer presented, named for a log line, or "no certificate"."""
+    try:
+        cert: x509.Certificate | None = conn.get_peer_certificate(as_cryptography=True)
+    except SSL.Error:
+        cert = None
+    if cert is None:
+        n = notes(conn)
+        if n is not None and n.presented is not None:
+            cert = n.presented.to_cryptography()
+    return identity.describe_presented(cert) if cert is not None else "no certificate"
 
 
-def explain(exc: BaseException, conn: SSL.Connection | None) -> str:
-    """A short reason for a failed handshake or identity check, for one log line."""
-    exc = _innermost(exc)
-    if isinstance(exc, IdentityError):
-        return str(exc)
+def explain_failure(exc: BaseException, conn: SSL.Connection | None) -> str:
+    """A short reason for a failed handshake, preferring the verify callback's note."""
     n = notes(conn) if conn is not None else None
-    if n is not None and n.verify_error is not None:
-        return n.verify_error.reason
-    if isinstance(exc, SSL.ZeroReturnError):
-        return "peer closed during handshake"
-    if isinstance(exc, SSL.SysCallError):
-        return _explain_syscall(exc)
-    if isinstance(exc, SSL.Error):
-        return _explain_openssl(exc)
-    if isinstance(exc, OSError):
-        return _explain_errno(exc.errno, exc.strerror or str(exc))
-    return str(exc) or type(exc).__name__
+    return explain(exc, n.verify_error if n is not None else None)
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    # The TLS stream re-raises OpenSSL/OS errors as trio errors "from" them.
-    seen = 0
-    while (
-        not isinstance(exc, SSL.Error | OSError | IdentityError)
-        and exc.__cause__ is not None
-        and seen < 10
-    ):
-        exc, seen = exc.__cause__, seen + 1
-    return exc
+async def _handshake(
+    stream: TLSStream, handshake_timeout: float, verify: Callable[[], PeerIdentity]
+) -> TLSLeg:
+    conn = stream.conn
+    try:
+        with trio.fail_after(handshake_timeout):
+            await stream.do_handshake()
+        peer = verify()
+    except trio.TooSlowError:
+        raise HandshakeFailed(
+            f"TLS handshake timed out after {handshake_timeout:g}s", stream, alert_sent=False
+        ) from None
+    except IdentityError as exc:
+        raise HandshakeFailed(
+            f"identity rejected: {exc} (presented {presented(conn)})", stream, alert_sent=False
+        ) from None
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise HandshakeFailed(
+            f"TLS handshake failed: {explain_failure(cause, conn)} (presented {presented(conn)})",
+            stream,
+            alert_sent=True,
+        ) from None
+    return TLSLeg(stream, peer, *leg_info(conn))
 
 
-def _explain_syscall(exc: SSL.SysCallError) -> str:
-    code, text = (exc.args + (None, None))[:2]
-    if code == -1:  # EOF without close_notify ('Unexpected EOF')
-        return "peer closed during handshake"
-    return _explain_errno(code if isinstance(code, int) else None, str(text))
+async def connect(
+    ctx: SSL.Context,
+    sock: trio.socket.SocketType,
+    policy: IdentityPolicy,
+    dst: tuple[str, int],
+    *,
+    handshake_timeout: float,
+    sessions: SessionCache | None = None,
+) -> TLSLeg:
+    """Egress: TLS client on the connected ``sock`` towards ``dst``; HandshakeFailed if refused.
+
+    ``sock`` belongs to the stream from the start: on HandshakeFailed it is
+    ``exc.stream``'s; on any other exception (cancellation) it is aborted here.
+    """
+    stream = TLSStream(sock, new_connection(ctx, sock, server=False))
+    if sessions is not None:
+        sessions.offer(stream.conn, dst)
+    try:
+        return await _handshake(
+            stream, handshake_timeout, lambda: verify_server(stream.conn, policy, dst[0])
+        )
+    except HandshakeFailed:
+        raise  # the stream is the caller's to close (see HandshakeFailed)
+    except BaseException:
+        await _abort_shielded(stream)  # cancelled, or a bug: nobody else holds it
+        raise
 
 
-def _explain_errno(code: int | None, text: str) -> str:
-    if code == errno.ECONNRESET:
-        return "connection reset during handshake"
-    if code == errno.EPIPE:
-        return "peer closed during handshake"
-    return text
+async def accept(
+    ctx: SSL.Context,
+    sock: trio.socket.SocketType,
+    policy: IdentityPolicy,
+    *,
+    handshake_timeout: float,
+) -> TLSLeg:
+    """Ingress: TLS server on the accepted ``sock``; HandshakeFailed if refused (see connect)."""
+    stream = TLSStream(sock, new_connection(ctx, sock, server=True))
+    try:
+        return await _handshake(
+            stream, handshake_timeout, lambda: verify_client(stream.conn, policy)
+        )
+    except HandshakeFailed:
+        raise  # the stream is the caller's to close (see HandshakeFailed)
+    except BaseException:
+        await _abort_shielded(stream)  # cancelled, or a bug: nobody else holds it
+        raise
 
 
-def _explain_openssl(exc: SSL.Error) -> str:
-    reasons = _reasons(exc)
-    for reason in reasons:
-        if reason in _REASONS:
-            return _REASONS[reason]
-        if _ALERT.match(reason):
-            return f"peer alert: {reason}"
-    return reasons[0] if reasons else str(exc) or "TLS error"
+async def _abort_shielded(stream: TLSStream) -> None:
+    with trio.CancelScope(shield=True):
+        await stream.abort()
 
 
-def _reasons(exc: SSL.Error) -> list[str]:
-    # pyOpenSSL: args[0] is OpenSSL's error queue, [(library, function, reason), ...].
-    queue = exc.args[0] if exc.args else None
-    if not isinstance(queue, list):
-        return []
-    return [str(item[-1]) for item in queue if isinstance(item, tuple) and item]
+def keep_session(sessions: SessionCache, leg: TLSLeg, dst: tuple[str, int]) -> None:
+    """After a connection went well: remember its session for the next one to ``dst``."""
+    sessions.keep(leg.stream.conn, dst)

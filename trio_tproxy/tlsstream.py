@@ -17,15 +17,10 @@ wait on the socket: it waits for the other task's wait to end and then
 *retries its own call*, because the other task may have consumed the very
 readiness it needed (OpenSSL buffers what it read).
 
-Scheduling: ``receive_some`` yields exactly once (while waiting, or at a
-checkpoint if the data was already there, so a busy pump cannot starve other
-tasks); ``send_all`` yields only when it has to wait.  trio's ``SocketStream``
-yields after every call, which costs a relay two scheduler rounds per message.
-
-States: OK -> BROKEN (any transport/TLS error; every later call raises
-``BrokenResourceError``) and OK/BROKEN -> CLOSED (``aclose``/``abort``; later
-calls raise ``ClosedResourceError``).  All OpenSSL and OS errors are
-translated into trio exceptions in :meth:`TLSStream._translate`, nowhere else.
+Scheduling, states (OK / BROKEN / CLOSED), the error types and ``abort()``
+are those of every relay stream: see :mod:`trio_tproxy.streams`.  All OpenSSL
+and OS errors become trio exceptions in :meth:`TLSStream._translate` (which
+asks :func:`trio_tproxy.tlserrors.stream_error`), nowhere else.
 
 End of stream, exactly:
 
@@ -39,128 +34,45 @@ End of stream, exactly:
   ``SO_LINGER {1, 0}`` so the peer gets an RST.
 
 Throughput: a read drains every record OpenSSL can produce without blocking
-(several 16 KiB records) before returning, and a write hands OpenSSL a whole
-256 KiB buffer (partial writes are off, see tlspolicy).
+(several 16 KiB records) before returning, through pyOpenSSL's private
+bindings when they exist (see :mod:`trio_tproxy.ossl`), and a write hands
+OpenSSL a whole 256 KiB buffer (partial writes are off, see tlspolicy).
 """
 
 from __future__ import annotations
 
-import enum
-import errno
 import socket as _stdsocket
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 from OpenSSL import SSL
 
-from . import kernel
+from . import ossl
+from .streams import DEFAULT_RECEIVE_SIZE, State, Stream
+from .tlserrors import stream_error
 
 T = TypeVar("T")
 
-#: Upper bound of one ``receive_some()``; about a socket buffer's worth.
-DEFAULT_RECEIVE_SIZE = 256 * 1024
-#: OpenSSL hands out at most one record (16 KiB) per SSL_read.
-_RECORD = 16 * 1024
 #: Largest slice given to one SSL_write: big enough to fill the socket buffer
 #: in one call, small enough to bound the memory OpenSSL holds in flight.
 _SEND_CHUNK = 256 * 1024
 
-
-#: The peer's TCP is gone: reset, or fully closed so that our write met an RST
-#: (EPIPE) or a shutdown met a dead connection (ENOTCONN).
-RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN})
-
-
-class TruncatedError(trio.BrokenResourceError):
-    """The peer's TCP stream ended without a TLS close_notify."""
-
-
-class ConnectionReset(trio.BrokenResourceError):
-    """The peer reset the TCP connection."""
-
-
-class TLSAlertError(trio.BrokenResourceError):
-    """The TLS layer failed (an alert, a protocol error, a failed handshake)."""
-
-
 _WANT = (SSL.WantReadError, SSL.WantWriteError)
-#: Why a drain stopped (None: it reached its limit).
-Stop = SSL.Error | OSError | None
+
+#: Read every record available: the fast path when the private bindings exist.
+drain = ossl.drain_for(ossl.PRIVATE)
 
 
-def _drain_public(conn: SSL.Connection, limit: int) -> tuple[bytes, Stop]:
-    """Read records until ``limit`` bytes or until OpenSSL stops.
-
-    Returns the bytes and the exception that stopped the loop (WantRead when
-    the socket is drained, ZeroReturn at close_notify, an error), or None
-    when ``limit`` was reached.
-    """
-    chunks: list[bytes] = []
-    total = 0
-    while total < limit:
-        try:
-            data = conn.recv(min(limit - total, _RECORD))
-        except (SSL.Error, OSError) as exc:
-            return b"".join(chunks), exc
-        chunks.append(data)
-        total += len(data)
-    return b"".join(chunks), None
-
-
-# The fast path calls SSL_read straight into one shared buffer: one C call per
-# 16 KiB record and a single copy out, where Connection.recv allocates, reads
-# and copies for every record.  Sharing is safe because trio runs one task at a
-# time and the bytes are copied out before anything awaits.  It uses
-# pyOpenSSL's private cffi handles, so it falls back to the public API if they
-# ever go away.
-_lib: Any = getattr(SSL, "_lib", None)
-_ffi: Any = getattr(SSL, "_ffi", None)
-_FAST = _lib is not None and _ffi is not None and hasattr(SSL.Connection, "_raise_ssl_error")
-_shared: Any = _ffi.new("char[]", DEFAULT_RECEIVE_SIZE) if _FAST else None
-
-
-def _drain_fast(conn: SSL.Connection, limit: int) -> tuple[bytes, Stop]:
-    """Same contract as :func:`_drain_public`."""
-    ssl = conn._ssl
-    total = 0
-    stop: Stop = None
-    while total < limit:
-        n = _lib.SSL_read(ssl, _shared + total, limit - total)
-        if n <= 0:
-            try:
-                conn._raise_ssl_error(ssl, n)
-                stop = SSL.Error(f"SSL_read returned {n} without an error")
-            except (SSL.Error, OSError) as exc:
-                stop = exc
-            break
-        total += n
-    return _ffi.buffer(_shared, total)[:], stop
-
-
-drain = _drain_fast if _FAST else _drain_public
-
-
-class _State(enum.Enum):
-    OK = "ok"
-    BROKEN = "broken"
-    CLOSED = "closed"
-
-
-class TLSStream(trio.abc.HalfCloseableStream):
+class TLSStream(Stream):
     """One TLS connection over one trio TCP socket.  See the module docstring."""
 
     def __init__(self, sock: trio.socket.SocketType, conn: SSL.Connection) -> None:
         """``conn`` must be built on ``sock`` (``SSL.Connection(ctx, sock)``)."""
-        self.socket = sock
+        super().__init__(sock, "TLS stream")
         self.conn = conn
-        self._fd = sock.fileno()
-        self._state = _State.OK
         self._handshake_done = False
-        self._eof_sent = False
         self._eof_received = False
-        self._sending = False
-        self._receiving = False
         #: An error met while draining, raised after the data drained with it.
         self._pending_error: BaseException | None = None
         #: Set while a task waits for the socket to be readable (resp. writable).
@@ -211,32 +123,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise self._translate(exc) from exc
             self._check_usable()
 
-    def _check_usable(self) -> None:
-        if self._state is _State.CLOSED:
-            raise trio.ClosedResourceError("TLS stream is closed")
-        if self._state is _State.BROKEN:
-            raise trio.BrokenResourceError("TLS stream is broken")
-
     def _translate(self, exc: SSL.Error | OSError) -> trio.BrokenResourceError:
-        """The one place OpenSSL/OS errors become trio errors."""
-        self._state = _State.BROKEN
-        if isinstance(exc, SSL.SysCallError):
-            code = exc.args[0] if exc.args else None
-            if code in RESET_ERRNOS:
-                return ConnectionReset(f"connection reset by peer ({errno.errorcode[code]})")
-            if code == -1 or code == 0:
-                return TruncatedError("peer closed TCP without TLS close_notify")
-            return trio.BrokenResourceError(f"socket error: {exc}")
-        if isinstance(exc, OSError):
-            if exc.errno in RESET_ERRNOS:
-                return ConnectionReset(
-                    f"connection reset by peer ({errno.errorcode[exc.errno or 0]})"
-                )
-            return trio.BrokenResourceError(f"socket error: {exc}")
-        reason = _openssl_reason(exc)
-        if "unexpected eof" in reason:
-            return TruncatedError("peer closed TCP without TLS close_notify")
-        return TLSAlertError(reason)
+        """The one place OpenSSL/OS errors become trio errors; the stream is BROKEN after."""
+        self._state = State.BROKEN
+        return stream_error(exc)
 
     # -- handshake -----------------------------------------------------------
 
@@ -253,7 +143,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+            raise self._busy("receiving")
         self._receiving = True
         try:
             if not self._handshake_done:
@@ -261,7 +151,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._pending_error is not None:
                 error, self._pending_error = self._pending_error, None
-                self._state = _State.BROKEN
+                self._state = State.BROKEN
                 raise error
             self._check_usable()
             if self._eof_received:
@@ -284,7 +174,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         # Deliver the bytes before the error; raise it next call.
                         self._pending_error = self._translate(stop)
                         self._pending_error.__cause__ = stop
-                        self._state = _State.OK
+                        self._state = State.OK
                     if self._waits == waits:  # data was already there: yield once anyway
                         await trio.lowlevel.cancel_shielded_checkpoint()
                     return data
@@ -305,7 +195,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLS stream")
+            raise self._busy("sending")
         self._sending = True
         try:
             if not self._handshake_done:
@@ -321,22 +211,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check_usable()
-        await trio.lowlevel.wait_writable(self._fd)
-
     async def send_eof(self) -> None:
         """close_notify, then SHUT_WR.  Reading continues; idempotent."""
         if self._sending:
-            raise trio.BusyResourceError("another task is sending on this TLS stream")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._check_usable()
-        if self._eof_sent:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
-        self._eof_sent = True
+            raise self._busy("sending")
         self._sending = True
         try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if self._eof_sent:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            self._eof_sent = True
             await self._retry(self.conn.shutdown)
             try:
                 self.socket.shutdown(_stdsocket.SHUT_WR)
@@ -351,26 +237,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close the fd.  If we never said close_notify and the stream is
         healthy, try to say it once without waiting (best effort)."""
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
-        if self._state is _State.OK and self._handshake_done and not self._eof_sent:
+        if self._state is State.OK and self._handshake_done and not self._eof_sent:
             self._eof_sent = True
             try:
                 self.conn.shutdown()  # non-blocking: sent now or never
             except (SSL.Error, OSError):
                 pass
         self._close()
-        await trio.lowlevel.checkpoint()
-
-    async def abort(self) -> None:
-        """Close with an RST: the peer sees ECONNRESET, not an orderly end."""
-        if self._state is not _State.CLOSED:
-            try:
-                kernel.set_abort_on_close(self.socket)
-            except OSError:
-                pass
-            self._close()
         await trio.lowlevel.checkpoint()
 
     async def close_after_alert(self, grace: float = 1.0) -> None:
@@ -380,7 +256,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         data, which also sends one) could overtake it and the peer would log
         "reset" instead of the reason.  So: FIN, drain briefly, close.
         """
-        if self._state is _State.CLOSED:
+        if self._state is State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -390,21 +266,5 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     pass
         except OSError:
             pass
-        self._close()
-
-    def _close(self) -> None:
-        self._state = _State.CLOSED
-        self.socket.close()
-
-
-def _openssl_reason(exc: BaseException) -> str:
-    """The reason strings OpenSSL put in an ``SSL.Error``, joined, lowercase."""
-    parts: list[str] = []
-    for arg in exc.args:
-        if isinstance(arg, list):
-            for item in arg:
-                if isinstance(item, tuple) and item:
-                    parts.append(str(item[-1]))
-        elif arg:
-            parts.append(str(arg))
-    return "; ".join(parts).lower() or type(exc).__name__
+        finally:
+            self._close()  # even when cancelled while draining
