@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers import make_pki
+from lab.pki import make_pki
 
 #: Runs in a fresh interpreter where SSL._lib and SSL._ffi are gone while
 #: trio_tproxy is imported.  (pyOpenSSL needs them itself, as module globals,
