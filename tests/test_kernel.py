@@ -378,7 +378,7 @@ class Topology:
         """(egress plaintext listener, ingress TLS listener), as the proxy makes them."""
         host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
         egress = self.listen(self.pod, (host, ic.tcp_port), transparent=True)
-        # The proxy gives its TLS listener the bypass mark (KERNEL-NOTES); the
+        # The proxy gives its TLS listener the bypass mark (docs/kernel.md); the
         # output chain's `ct direction reply return` makes it belt and braces.
         mark = ic.bypass_mark if bypass else 0
         ingress = self.listen(self.pod, (host, ic.tls_port), transparent=True, mark=mark)

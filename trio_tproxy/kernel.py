@@ -1,7 +1,7 @@
 """The one module that talks to the kernel about sockets and routing.
 
 Why one module: every socket option and netlink call the proxy depends on is
-here, next to what was verified about it (KERNEL-NOTES.md), so the rest of the
+here, next to what was verified about it (docs/kernel.md), so the rest of the
 program deals in plain calls and one error type per concern.
 
 Sockets: :func:`set_transparent` (bind to / accept for foreign addresses, needed

@@ -11,7 +11,7 @@ first makes the delete succeed whether or not a table was left by an earlier
 (crashed) run, so applying is also how we reconcile, and applying twice is the
 same as applying once.
 
-How a connection is intercepted (see KERNEL-NOTES.md):
+How a connection is intercepted (see docs/interception.md and docs/kernel.md):
 
 * egress: chain ``output`` (``type route``, so a changed mark re-routes the
   packet) marks the pod's outgoing TCP to intercepted destinations (the
