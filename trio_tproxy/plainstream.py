@@ -19,7 +19,6 @@ What is particular to plain TCP:
 from __future__ import annotations
 
 import os
-import socket as _stdsocket
 
 import trio
 
@@ -41,7 +40,7 @@ class PlainStream(Stream):
         super().__init__(sock, "TCP stream")
         self._drained = False
 
-    def _broken(self, exc: OSError) -> trio.BrokenResourceError:
+    def _error(self, exc: OSError) -> trio.BrokenResourceError:
         """The one place OS errors become trio errors; the stream is BROKEN after."""
         self._state = State.BROKEN
         if exc.errno in RESET_ERRNOS:
@@ -68,7 +67,7 @@ class PlainStream(Stream):
                     await trio.lowlevel.wait_readable(self._fd)
                     waited = True
                 except OSError as exc:
-                    raise self._broken(exc) from exc
+                    raise self._error(exc) from exc
             if n == 0 and not self._eof_sent and kernel.was_reset(self.socket):
                 self._state = State.BROKEN
                 raise ConnectionReset("connection reset by peer (seen as EOF)")
@@ -96,24 +95,7 @@ class PlainStream(Stream):
                     except BlockingIOError:
                         await trio.lowlevel.wait_writable(self._fd)
                     except OSError as exc:
-                        raise self._broken(exc) from exc
-        finally:
-            self._sending = False
-
-    async def send_eof(self) -> None:
-        if self._sending:
-            raise self._busy("sending")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            if self._eof_sent:
-                return
-            self._eof_sent = True
-            try:
-                self.socket.shutdown(_stdsocket.SHUT_WR)
-            except OSError as exc:
-                raise self._broken(exc) from exc
+                        raise self._error(exc) from exc
         finally:
             self._sending = False
 

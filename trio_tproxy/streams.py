@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import socket
 
 import trio
 
@@ -111,6 +112,34 @@ class Stream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         self._check_usable()
         await trio.lowlevel.wait_writable(self._fd)
+
+    async def send_eof(self) -> None:
+        """Say end of stream (:meth:`_say_eof`), then ``SHUT_WR``; reading goes on.
+
+        Idempotent; a second call only checkpoints."""
+        if self._sending:
+            raise self._busy("sending")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._check_usable()
+            if not self._eof_sent:
+                self._eof_sent = True
+                await self._say_eof()
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    raise self._error(exc) from exc
+        finally:
+            self._sending = False
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _say_eof(self) -> None:
+        """What the protocol says before the FIN (TLS: close_notify); TCP: nothing."""
+
+    def _error(self, exc: OSError) -> trio.BrokenResourceError:
+        """Translate a socket error at this stream's one edge (and mark it BROKEN)."""
+        raise NotImplementedError
 
     async def abort(self) -> None:
         """Close with an RST: the peer sees ECONNRESET, not an orderly end."""

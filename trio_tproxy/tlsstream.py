@@ -123,6 +123,9 @@ class TLSStream(Stream):
                 raise self._translate(exc) from exc
             self._check_usable()
 
+    def _error(self, exc: OSError) -> trio.BrokenResourceError:
+        return self._translate(exc)
+
     def _translate(self, exc: SSL.Error | OSError) -> trio.BrokenResourceError:
         """The one place OpenSSL/OS errors become trio errors; the stream is BROKEN after."""
         self._state = State.BROKEN
@@ -211,26 +214,8 @@ class TLSStream(Stream):
         finally:
             self._sending = False
 
-    async def send_eof(self) -> None:
-        """close_notify, then SHUT_WR.  Reading continues; idempotent."""
-        if self._sending:
-            raise self._busy("sending")
-        self._sending = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._check_usable()
-            if self._eof_sent:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return
-            self._eof_sent = True
-            await self._retry(self.conn.shutdown)
-            try:
-                self.socket.shutdown(_stdsocket.SHUT_WR)
-            except OSError as exc:
-                raise self._translate(exc) from exc
-        finally:
-            self._sending = False
-        await trio.lowlevel.cancel_shielded_checkpoint()
+    async def _say_eof(self) -> None:
+        await self._retry(self.conn.shutdown)  # close_notify
 
     # -- closing -------------------------------------------------------------
 
