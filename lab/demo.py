@@ -20,15 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import re
 import secrets
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 from trio_tproxy.interception import CAP_NET_ADMIN, CAP_SYS_ADMIN, has_capability
 
@@ -230,26 +227,8 @@ class _Capture:
 
 @contextlib.contextmanager
 def _capture(lab: PodLab, name: str) -> Iterator[_Capture]:
-    """tcpdump on the bridge for the duration of the block; ``.wire`` after it."""
-    path = lab.workdir / f"{name}.pcap"
-    log = lab.workdir / f"tcpdump-{name}.log"
-    tcpdump = lab.topology.popen(
-        "node",
-        ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(path), "tcp"],
-        stdout=open(os.devnull, "wb"),
-        stderr=open(log, "wb"),
-    )
-    _wait_capture_ready(log)
+    """The bridge's TCP while the block runs; ``.wire`` holds the bytes after it."""
     result = _Capture()
-    try:
+    with lab.capture(name) as path:
         yield result
-    finally:
-        time.sleep(0.3)  # let the last packets reach the capture buffer
-        lab.topology.stop(tcpdump, sig=signal.SIGINT)
-        result.wire = path.read_bytes() if path.exists() else b""
-
-
-def _wait_capture_ready(log: Path) -> None:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and b"listening on" not in log.read_bytes():
-        time.sleep(0.05)
+    result.wire = path.read_bytes() if path.exists() else b""

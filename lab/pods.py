@@ -190,6 +190,33 @@ class PodLab:
         self.topology.wait_port(pod, "::", port, timeout=10, proc=process)
         return process
 
+    @contextmanager
+    def capture(self, name: str, *bpf: str) -> Iterator[Path]:
+        """tcpdump on the bridge (every pod's traffic crosses it) while the body runs.
+
+        Yields the pcap's path; it is complete once the block has ended.
+        ``bpf`` narrows the filter (default: all TCP)."""
+        path = self.workdir / f"{name}.pcap"
+        errors_path = self.workdir / f"{name}.tcpdump.log"
+        with open(errors_path, "wb") as errors:
+            tcpdump = self.topology.popen(
+                "node",
+                ["tcpdump", "--immediate-mode", "-i", "br0", "-U", "-s", "0", "-w", str(path)]
+                + list(bpf or ("tcp",)),
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+        try:
+            deadline = time.monotonic() + 5
+            while b"listening on" not in errors_path.read_bytes():
+                if tcpdump.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tcpdump did not start: {errors_path.read_text()}")
+                time.sleep(0.02)
+            yield path
+        finally:
+            time.sleep(0.2)  # let packets in flight reach the capture
+            self.topology.stop(tcpdump, sig=signal.SIGINT)
+
     def close(self) -> None:
         for pod in list(self.sidecars):
             try:

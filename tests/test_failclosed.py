@@ -33,11 +33,10 @@ import secrets
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -151,39 +150,8 @@ def assert_refused_fast(lab: PodLab, pod: str, ip: str, port: int, message: byte
     assert took < FAST, f"{pod} -> {ip}:{port}: refused only after {took:.2f}s"
 
 
-@contextmanager
-def wire(lab: PodLab, name: str) -> Iterator[Path]:
-    """tcpdump on the bridge (every pod's traffic crosses it) while the body runs."""
-    capture = lab.workdir / f"{name}.pcap"
-    errors_path = lab.workdir / f"{name}.tcpdump.log"
-    with open(errors_path, "wb") as errors:
-        tcpdump = lab.topology.popen(
-            "node",
-            [
-                "tcpdump",
-                "--immediate-mode",
-                "-i",
-                "br0",
-                "-U",
-                "-s",
-                "0",
-                "-w",
-                str(capture),
-                "tcp",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-    try:
-        deadline = time.monotonic() + 5
-        while b"listening on" not in errors_path.read_bytes():
-            assert tcpdump.poll() is None, errors_path.read_text()
-            assert time.monotonic() < deadline, "tcpdump did not start"
-            time.sleep(0.02)
-        yield capture
-    finally:
-        time.sleep(0.2)  # let packets in flight reach the capture
-        lab.topology.stop(tcpdump, sig=signal.SIGINT)
+def wire(lab: PodLab, name: str) -> AbstractContextManager[Path]:
+    return lab.capture(name)
 
 
 def marker(what: str) -> bytes:

@@ -124,37 +124,10 @@ def test_a_raw_tcp_half_close_is_intercepted(lab, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_b_the_wire_carries_only_tls(lab, family):
     b = addr(lab.host("b"), family)
-    capture = lab.workdir / f"wire-{family}.pcap"
-    errors = open(lab.workdir / f"tcpdump-{family}.log", "wb")  # noqa: SIM115
-    tcpdump = lab.topology.popen(
-        "node",
-        [
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            "br0",
-            "-U",
-            "-s",
-            "0",
-            "-w",
-            str(capture),
-            "tcp",
-            "port",
-            str(ECHO),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=errors,
-    )
-    deadline = time.monotonic() + 5
-    while b"listening on" not in (lab.workdir / f"tcpdump-{family}.log").read_bytes():
-        assert time.monotonic() < deadline, "tcpdump did not start"
-        time.sleep(0.05)
     marker = f"plaintext-marker-{secrets.token_hex(8)}".encode()
-    received, end = probe(lab.host("a").netns, b, ECHO, marker * 100)
-    assert (received, end) == (marker * 100, "eof")
-    time.sleep(0.3)
-    lab.topology.stop(tcpdump, sig=signal.SIGINT)
-    errors.close()
+    with lab.capture(f"wire-{family}", "tcp", "port", str(ECHO)) as capture:
+        received, end = probe(lab.host("a").netns, b, ECHO, marker * 100)
+        assert (received, end) == (marker * 100, "eof")
     wire = capture.read_bytes()
     assert wire.count(b"\x17\x03\x03") >= 2, "no TLS application-data records on the wire"
     assert marker not in wire, "the plaintext crossed the bridge"
