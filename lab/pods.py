@@ -130,15 +130,17 @@ class PodLab:
     def sidecar_command(self, identity: str) -> list[str]:
         """``trio-tproxy run`` with ``identity``'s certificate, key and our CA."""
         files = self.files[identity]
+        own = (
+            ["--credential-bundle", str(files.cert)]
+            if files.is_bundle
+            else ["--cert", str(files.cert), "--key", str(files.key)]
+        )
         return [
             sys.executable,
             "-m",
             "trio_tproxy",
             "run",
-            "--cert",
-            str(files.cert),
-            "--key",
-            str(files.key),
+            *own,
             "--ca-cert",
             str(files.ca_cert),
             "--trust-domain",
