@@ -226,7 +226,9 @@ def test_run_help_shows_required_files_and_documents_every_flag():
     # express "--cert and --key, or --credential-bundle").
     for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT", "--credential-bundle PATH"):
         assert flag in usage
-    assert "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)" in out.stdout
+    assert (
+        "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)" in out.stdout
+    )
     for flag in (
         "--handshake-timeout",
         "--connect-timeout",

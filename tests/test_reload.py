@@ -101,7 +101,7 @@ async def _test_watcher_switches_on_swap_and_keeps_old_on_a_corrupt_bundle(tmp_p
     pem1, serial1 = bundle_bytes(ca, "a")
     files = publish(vol, pem1, ca)
     applied = Applied()
-    w = CredentialWatcher(files, load_credentials(files), applied, poll=3600)
+    w = CredentialWatcher.for_files(files, load_credentials(files), applied, poll=3600)
     assert not await w.check()  # nothing changed: nothing read
     pem2, serial2 = bundle_bytes(ca, "a")
     publish(vol, pem2, ca)
@@ -145,7 +145,7 @@ async def _test_watcher_refuses_a_certificate_apply_rejects(tmp_path, ca, caplog
     def refuse(creds: Credentials) -> None:
         raise RuntimeError("OpenSSL says no")
 
-    w = CredentialWatcher(files, load_credentials(files), refuse, poll=3600)
+    w = CredentialWatcher.for_files(files, load_credentials(files), refuse, poll=3600)
     publish(tmp_path / "vol", bundle_bytes(ca, "a")[0], ca)
     assert not await w.check()
     assert w.current.cert.serial_number == serial1
@@ -161,7 +161,7 @@ async def _test_request_reloads_unchanged_files_and_a_torn_read_heals(tmp_path, 
     pem1, _ = bundle_bytes(ca, "a")
     files = publish(tmp_path / "vol", pem1, ca)
     applied = Applied()
-    w = CredentialWatcher(files, load_credentials(files), applied, poll=3600)
+    w = CredentialWatcher.for_files(files, load_credentials(files), applied, poll=3600)
     assert await w.check(reason="SIGHUP")  # forced: same files, reloaded anyway
     assert "credentials reloaded (SIGHUP)" in caplog.text
     # Three files (cert, key, CA) read in three reads: a swap between the
@@ -172,7 +172,7 @@ async def _test_request_reloads_unchanged_files_and_a_torn_read_heals(tmp_path, 
     certs.write_cert(three / "tls.crt", cert_a)
     certs.write_key(three / "tls.key", key_a)
     tfiles = TLSFiles(three / "tls.crt", three / "tls.key", ca.ca_path)
-    w3 = CredentialWatcher(tfiles, load_credentials(tfiles), applied, poll=3600)
+    w3 = CredentialWatcher.for_files(tfiles, load_credentials(tfiles), applied, poll=3600)
     cert_b, key_b = certs.issue(ca.cert, ca.key, spiffe_ids=[spiffe_id("a")])
     certs.write_cert(three / "tls.crt", cert_b)  # the key has not been written yet
     assert not await w3.check()  # mismatch: refused, old kept
@@ -187,7 +187,7 @@ def test_watch_loop_wakes_on_request_and_polls(tmp_path, ca):
     applied = Applied()
 
     async def main() -> None:
-        w = CredentialWatcher(files, load_credentials(files), applied, poll=3600)
+        w = CredentialWatcher.for_files(files, load_credentials(files), applied, poll=3600)
         async with trio.open_nursery() as nursery:
             await nursery.start(w.watch)
             w.request()  # what SIGHUP does: no poll for an hour, reloaded at once
@@ -195,7 +195,7 @@ def test_watch_loop_wakes_on_request_and_polls(tmp_path, ca):
                 while not applied.got:  # noqa: ASYNC110 - apply is a plain callback
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-        w = CredentialWatcher(files, load_credentials(files), applied, poll=0.05)
+        w = CredentialWatcher.for_files(files, load_credentials(files), applied, poll=0.05)
         async with trio.open_nursery() as nursery:
             await nursery.start(w.watch)
             publish(tmp_path / "vol", bundle_bytes(ca, "a")[0], ca)
@@ -214,7 +214,7 @@ def test_expiry_warned_once_ahead_and_once_when_expired(tmp_path, ca, caplog):
     )
     files = publish(tmp_path / "vol", pem, ca)
     clock = [now - dt.timedelta(hours=12)]  # 16h of 24h left: quiet
-    w = CredentialWatcher(
+    w = CredentialWatcher.for_files(
         files, load_credentials(files, now=clock[0]), Applied(), clock=lambda: clock[0]
     )
     w.check_expiry()

@@ -453,9 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_interception_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
-    from . import certs
+    from . import certs, k8scli, webhook
 
     certs.register(sub)
+    k8scli.register(sub)  # inject
+    webhook.register(sub)
     demo = sub.add_parser(
         "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
     )

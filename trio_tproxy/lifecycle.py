@@ -120,7 +120,9 @@ RELOAD_SIGNALS = (signal.SIGHUP,)
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
-async def _reload_on_signal(signals: AsyncIterator[int], watcher: reload.CredentialWatcher) -> None:
+async def _reload_on_signal(
+    signals: AsyncIterator[int], watcher: reload.CredentialWatcher[Credentials]
+) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum in RELOAD_SIGNALS:
@@ -156,7 +158,7 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
     """Serve until SIGTERM/SIGINT; remove what we installed on the way out."""
     installer = Installer(config.interception)
     sidecar = Sidecar(config, credentials)
-    watcher = reload.CredentialWatcher(
+    watcher = reload.CredentialWatcher.for_files(
         config.tls,
         credentials,
         sidecar.use_credentials,

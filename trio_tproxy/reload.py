@@ -32,17 +32,20 @@ rotation that should have replaced it did not happen.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
+from cryptography import x509
 
 from .config import ConfigError, TLSFiles
 from .credentials import Credentials, load_credentials
 
-__all__ = ["CredentialWatcher", "fingerprint"]
+__all__ = ["CredentialWatcher", "Watched", "fingerprint"]
 
 log = logging.getLogger("trio_tproxy")
 
@@ -63,35 +66,64 @@ def fingerprint(paths: tuple[Path, ...]) -> Fingerprint:
     return tuple(out)
 
 
-class CredentialWatcher:
-    """Polls ``files`` and SIGHUP requests; applies good new credentials via ``apply``.
+class Watched(Protocol):
+    """What the watcher needs of what it loads (Credentials, the webhook's serving cert)."""
 
-    ``apply`` must raise (and change nothing) if it cannot use them; it runs on
-    the event loop, between two connections' steps, so the switch is atomic."""
+    @property
+    def cert(self) -> x509.Certificate: ...
+
+    @property
+    def not_after(self) -> dt.datetime: ...
+
+    def describe(self) -> str: ...
+
+    def expiry_warning_at(self, fraction: float) -> dt.datetime: ...
+
+
+C = TypeVar("C", bound=Watched)
+
+
+class CredentialWatcher(Generic[C]):
+    """Polls ``paths`` and SIGHUP requests; ``load()``s and ``apply``s good new credentials.
+
+    ``load`` runs in a thread and raises on bad files; ``apply`` must raise (and
+    change nothing) if it cannot use them; it runs on the event loop, between
+    two connections' steps, so the switch is atomic."""
 
     def __init__(
         self,
-        files: TLSFiles,
-        current: Credentials,
-        apply: Callable[[Credentials], None],
+        paths: tuple[Path, ...],
+        load: Callable[[], C],
+        current: C,
+        apply: Callable[[C], None],
         *,
         poll: float = 2.0,
         expiry_warning_fraction: float = 1 / 3,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        self.files = files
+        self.paths = paths
+        self.load = load
         self.current = current
         self.apply = apply
         self.poll = poll
         self.fraction = expiry_warning_fraction
         self.clock = clock
-        self._seen = fingerprint(files.paths)
+        self._seen = fingerprint(paths)
         self._wakeup = trio.Event()
         self._forced = False
         self._warned: set[tuple[int, str]] = set()
         #: Counters for tests and metrics: reloads that switched, and that failed.
         self.reloads = 0
         self.failures = 0
+
+    @classmethod
+    def for_files(
+        cls, files: TLSFiles, current: Credentials, apply: Callable[[Credentials], None], **kw: Any
+    ) -> CredentialWatcher[Credentials]:
+        """The sidecar's: ``files`` checked by :func:`~.credentials.load_credentials`."""
+        return CredentialWatcher(
+            files.paths, functools.partial(load_credentials, files), current, apply, **kw
+        )
 
     def request(self) -> None:
         """Reload now, changed or not (SIGHUP).  Safe to call from any trio task."""
@@ -110,7 +142,7 @@ class CredentialWatcher:
 
     async def check(self, *, reason: str | None = None) -> bool:
         """Reload if the files changed (or ``reason`` forces it); True if switched."""
-        seen = fingerprint(self.files.paths)
+        seen = fingerprint(self.paths)
         if reason is None:
             if seen == self._seen:
                 return False
@@ -118,7 +150,7 @@ class CredentialWatcher:
         self._seen = seen
         # Parsing and the signature check take a few ms: off the event loop.
         try:
-            new = await trio.to_thread.run_sync(load_credentials, self.files)
+            new = await trio.to_thread.run_sync(self.load)
             self.apply(new)
         except Exception as exc:  # noqa: BLE001 - any refusal (ConfigError, SSL.Error) keeps the old
             self.failures += 1
@@ -154,7 +186,7 @@ class CredentialWatcher:
                     "our certificate has EXPIRED (%s): peers refuse it; rotation did not "
                     "replace %s",
                     creds.describe(),
-                    self.files.cert,
+                    self.paths[0],
                 )
         elif now >= creds.expiry_warning_at(self.fraction):
             if (serial, "soon") not in self._warned:
@@ -164,7 +196,7 @@ class CredentialWatcher:
                     "our certificate expires in %s (%s): expected a rotation of %s by now",
                     _fmt_delta(left),
                     creds.describe(),
-                    self.files.cert,
+                    self.paths[0],
                 )
 
 
