@@ -287,12 +287,20 @@ def test_https_admission_round_trip_with_curl(server, tmp_path):
         assert out.stdout.endswith("\n200"), out
 
 
-def test_malformed_oversized_and_wrong_method_requests(server):
+def test_malformed_oversized_and_wrong_method_requests(server, tmp_path):
     out = server.curl("/inject", "--data-binary", "{not json")
     body, code = out.stdout.rsplit("\n", 1)
     assert code == "400" and "body is not JSON" in json.loads(body)["error"]
-    out = server.curl("/inject", "--data-binary", "x" * 100_000)
-    assert out.stdout.endswith("\n413"), out
+    # --max-request-bytes 200000: a 100 kB review is served, a 300 kB one is 413.
+    (pod,) = pods("plain")
+    pod["metadata"]["annotations"] = {"example.com/big": "x" * 100_000}
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(admission_review(pod)))
+    out = server.curl("/inject", "--data-binary", f"@{big}")
+    assert out.stdout.endswith("\n200"), out.stdout[-300:]
+    big.write_text(json.dumps(admission_review(pod)) + " " * 200_000)
+    out = server.curl("/inject", "--data-binary", f"@{big}")
+    assert out.stdout.endswith("\n413"), out.stdout[-300:]
     assert server.curl("/inject").stdout.endswith("\n405")  # GET
     assert server.curl("/nope").stdout.endswith("\n404")
     # Plain HTTP on the HTTPS port, and a client that sends nothing: no crash.

@@ -105,9 +105,8 @@ def review(body: bytes, config: InjectConfig) -> tuple[int, dict[str, Any]]:
             response["status"] = {"code": 400, "message": f"trio-tproxy: {exc}"}
         else:
             if result.injected:
+                # Both sides have the borrowed namespace: the patch never touches it.
                 patch = json_patch(obj_for_names, result.obj)
-                if obj_for_names is not obj:  # never patch the namespace we only borrowed
-                    patch = [op for op in patch if op["path"] != "/metadata/namespace"]
                 response["patchType"] = "JSONPatch"
                 response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
             warnings = list(result.warnings)
