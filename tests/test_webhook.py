@@ -238,7 +238,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
                 "--port",
                 str(port),
                 "--max-request-bytes",
-                "65536",
+                "200000",
                 "--request-timeout",
                 "2",
                 "--credential-poll",
