@@ -142,7 +142,12 @@ def test_host_network_and_opt_out_are_skipped_with_a_reason(capsys):
     assert yaml.safe_load(text) == yaml.safe_load((FIXTURES / "host-network.yaml").read_text())
     assert "skipped: Pod kube-system/node-agent: hostNetwork pod skipped" in err
     _, text, err = run(capsys, "inject", "-f", str(FIXTURES / "annotations.yaml"))
-    tuned, opted_out = yaml.safe_load_all(text)
+    tuned, opted_out, csi = yaml.safe_load_all(text)
+    assert csi["spec"]["volumes"][-1]["csi"] == {
+        "driver": "spiffe.csi.cert-manager.io",
+        "readOnly": True,
+    }
+    assert "--cert=/var/run/trio-tproxy/tls.crt" in sidecar_of(csi)["args"]
     assert "initContainers" not in opted_out["spec"]
     assert 'annotation trio-tproxy.io/inject is "false"' in err
     args = sidecar_of(tuned)["args"]
@@ -185,6 +190,7 @@ def test_stdin_and_a_list(capsys, monkeypatch):
         ("exclude-cidrs", "10.0.0.0/33", "invalid CIDR '10.0.0.0/33'"),
         ("inbound-mode", "open", "'open' is not strict or permissive"),
         ("verbosity", "high", "'high' is not a number"),
+        ("credentials", "vault", "'vault' is not pod-certificate or csi-spiffe"),
     ],
 )
 def test_bad_annotation_is_one_line_exit_2(capsys, tmp_path, annotation, value, message):

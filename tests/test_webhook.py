@@ -110,7 +110,7 @@ def test_skipped_pods_are_allowed_with_a_warning():
     _, response = call(host)
     assert response["allowed"] is True and "patch" not in response
     assert "hostNetwork pod skipped" in response["warnings"][0]
-    _, opted_out = pods("annotations")
+    _, opted_out, _ = pods("annotations")
     _, response = call(opted_out)
     assert "patch" not in response and 'trio-tproxy.io/inject is "false"' in response["warnings"][0]
     (pod,) = pods("plain")

@@ -21,8 +21,10 @@ What injection adds to a pod spec:
   kubelet makes a key of ``keyType``, gets it signed by ``signerName`` for
   the pod's service account and rotates it; one credential bundle file) and a
   ``clusterTrustBundle`` source (the signer's trust anchors).  A pod
-  annotated with ``trio-tproxy.io/credentials-secret: NAME`` gets that
-  Secret (``tls.crt``, ``tls.key``, ``ca.crt``) instead.
+  annotated with ``trio-tproxy.io/credentials: csi-spiffe`` (or the
+  ``--credentials`` default) gets a cert-manager csi-driver-spiffe volume
+  instead, and ``trio-tproxy.io/credentials-secret: NAME`` that Secret (both
+  write ``tls.crt``, ``tls.key``, ``ca.crt``).
 * the app containers' ``httpGet``/``tcpSocket``/``grpc`` probes point at the
   sidecar's probe port (15021, never intercepted) as
   ``/app-health/<container>-<kind>``, and the sidecar gets the matching
@@ -102,6 +104,10 @@ class InjectConfig:
     max_expiration_seconds: int = 86400
     #: ClusterTrustBundles of this signer (all of them: empty selector) are the CA bundle.
     trust_bundle_signer: str | None = None
+    #: Where certificates come from: "pod-certificate" (projected volume, Kubernetes
+    #: >= 1.35) or "csi-spiffe" (cert-manager's csi-driver-spiffe: one SPIFFE ID per
+    #: service account today, on any version); per pod: annotation ``credentials``.
+    credentials: str = "pod-certificate"
     verbosity: int = 0
     cpu_request: str = "50m"
     memory_request: str = "48Mi"
@@ -230,6 +236,12 @@ def _annotations(annotations: Json, where: str) -> dict[str, Any]:
         raise InjectError(
             f"{where}: annotation {PREFIX}inbound-mode: {mode!r} is not strict or permissive"
         )
+    credentials = annotations.get(PREFIX + "credentials")
+    if credentials is not None and credentials not in ("pod-certificate", "csi-spiffe"):
+        raise InjectError(
+            f"{where}: annotation {PREFIX}credentials: {credentials!r} is not pod-certificate "
+            f"or csi-spiffe (for a Secret: {PREFIX}credentials-secret: NAME)"
+        )
     verbosity = annotations.get(PREFIX + "verbosity")
     if verbosity is not None and not str(verbosity).isdigit():
         raise InjectError(f"{where}: annotation {PREFIX}verbosity: {verbosity!r} is not a number")
@@ -311,8 +323,7 @@ def _sidecar(
     probes: list[str],
     annotations: Json,
 ) -> Json:
-    secret = annotations.get(PREFIX + "credentials-secret")
-    if secret:
+    if _credentials(config, annotations) != "pod-certificate":
         files = [
             f"--cert={MOUNT}/tls.crt",
             f"--key={MOUNT}/tls.key",
@@ -364,10 +375,25 @@ def _sidecar(
     }
 
 
+CREDENTIALS = ("pod-certificate", "csi-spiffe", "secret")
+CSI_SPIFFE_DRIVER = "spiffe.csi.cert-manager.io"
+
+
+def _credentials(config: InjectConfig, annotations: Json) -> str:
+    if annotations.get(PREFIX + "credentials-secret"):
+        return "secret"
+    return str(annotations.get(PREFIX + "credentials") or config.credentials)
+
+
 def _volume(config: InjectConfig, annotations: Json) -> Json:
-    secret = annotations.get(PREFIX + "credentials-secret")
-    if secret:
-        return {"name": VOLUME, "secret": {"secretName": str(secret), "defaultMode": 0o400}}
+    kind = _credentials(config, annotations)
+    if kind == "secret":
+        secret = str(annotations[PREFIX + "credentials-secret"])
+        return {"name": VOLUME, "secret": {"secretName": secret, "defaultMode": 0o400}}
+    if kind == "csi-spiffe":
+        # csi-driver-spiffe writes tls.crt, tls.key and ca.crt, issued for the
+        # pod's service account, and renews them before expiry.
+        return {"name": VOLUME, "csi": {"driver": CSI_SPIFFE_DRIVER, "readOnly": True}}
     return {
         "name": VOLUME,
         "projected": {

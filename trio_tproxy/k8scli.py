@@ -54,6 +54,14 @@ def add_inject_flags(parser: argparse.ArgumentParser) -> None:
         help=f"certificate lifetime asked of the signer (default {d.max_expiration_seconds})",
     )
     g.add_argument(
+        "--credentials",
+        default=d.credentials,
+        choices=("pod-certificate", "csi-spiffe"),
+        help="pod-certificate: podCertificate + clusterTrustBundle projected volume (Kubernetes "
+        ">= 1.35); csi-spiffe: cert-manager csi-driver-spiffe volume "
+        f"(default {d.credentials}; per pod: annotation trio-tproxy.io/credentials)",
+    )
+    g.add_argument(
         "--sidecar-verbosity",
         type=int,
         default=0,
@@ -72,6 +80,7 @@ def inject_config_from(args: argparse.Namespace) -> InjectConfig:
         key_type=args.key_type,
         max_expiration_seconds=args.max_expiration_seconds,
         verbosity=args.sidecar_verbosity,
+        credentials=args.credentials,
     )
 
 
