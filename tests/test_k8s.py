@@ -44,12 +44,18 @@ def load(path: Path) -> list[dict[str, Any]]:
 def render(directory: Path) -> list[dict[str, Any]]:
     """kustomize's behaviour for the fields our kustomizations use (others are refused)."""
     k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(k) - {"apiVersion", "kind", "namespace", "labels", "resources"}
+    unknown = set(k) - {"apiVersion", "kind", "namespace", "labels", "resources", "patches"}
     assert not unknown, f"render() does not implement {unknown}"
     objs: list[dict[str, Any]] = []
     for res in k["resources"]:
         path = directory / res
         objs += render(path) if path.is_dir() else load(path)
+    for entry in k.get("patches", []):
+        patch = yaml.safe_load(entry["patch"])
+        assert set(entry) == {"patch"} and patch.pop("$patch") == "delete"
+        gone = [o for o in objs if key(o) == key(patch) and o["apiVersion"] == patch["apiVersion"]]
+        assert len(gone) == 1, patch
+        objs.remove(gone[0])
     for obj in objs:
         meta = obj.setdefault("metadata", {})
         if "namespace" in k and obj["kind"] not in CLUSTER_SCOPED:
@@ -77,7 +83,7 @@ def key(obj: dict[str, Any]) -> tuple[str, str, str]:
     return (obj["kind"], meta.get("namespace", ""), meta["name"])
 
 
-@pytest.fixture(scope="module", params=["k8s", "k8s/example"])
+@pytest.fixture(scope="module", params=["k8s", "k8s/dev", "k8s/example"])
 def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
     directory = K8S.parent / request.param
     return request.param, render(directory)
