@@ -90,7 +90,7 @@ def test_plain_pod_gets_a_native_sidecar_with_pod_certificate_credentials(capsys
         "scheme": "HTTP",
     }
     sc = sidecar["securityContext"]
-    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]}
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
     assert "--credential-bundle=/var/run/trio-tproxy/credentialbundle.pem" in sidecar["args"]
     assert "--ca-cert=/var/run/trio-tproxy/ca.crt" in sidecar["args"]

@@ -13,10 +13,12 @@ What injection adds to a pod spec:
   (admin port 15020), true only once the listeners are up and the nft table
   and routes are in place: the app's first connection is already intercepted.
   It stops after the app containers, so their last connections still go out.
-* ``NET_ADMIN`` only (nft, policy routes, ``IP_TRANSPARENT``, ``SO_MARK``),
-  all other capabilities dropped, read-only root filesystem, no privilege
-  escalation; uid 0 because Kubernetes grants added capabilities to root
-  only (no ambient capabilities for other users).
+* ``NET_ADMIN`` (nft, policy routes, ``IP_TRANSPARENT``, ``SO_MARK``) and
+  ``NET_BIND_SERVICE`` (the listeners' default ports 1 and 2 are below 1024:
+  with NET_ADMIN alone, ``bind`` fails with EACCES - found by running the
+  image in the lab), all other capabilities dropped, read-only root
+  filesystem, no privilege escalation; uid 0 because Kubernetes grants added
+  capabilities to root only (no ambient capabilities for other users).
 * the credentials as a projected volume: a ``podCertificate`` source (the
   kubelet makes a key of ``keyType``, gets it signed by ``signerName`` for
   the pod's service account and rotates it; one credential bundle file) and a
@@ -365,7 +367,7 @@ def _sidecar(
             "allowPrivilegeEscalation": False,
             "privileged": False,
             "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_BIND_SERVICE"]},
         },
         "resources": {
             "requests": {"cpu": config.cpu_request, "memory": config.memory_request},
