@@ -235,6 +235,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
                 str(volume / "tls.key"),
                 "--host",
                 "127.0.0.1",
+                "--host",
+                "::1",
                 "--port",
                 str(port),
                 "--max-request-bytes",
@@ -285,6 +287,9 @@ def test_https_admission_round_trip_with_curl(server, tmp_path):
     for path in ("/healthz", "/readyz"):
         out = server.curl(path)
         assert out.stdout.endswith("\n200"), out
+    # Both families (a Service may reach the pod over either).
+    out = server.curl("/healthz", "--connect-to", f"127.0.0.1:{server.port}:[::1]:{server.port}")
+    assert out.stdout.endswith("\n200"), out
 
 
 def test_malformed_oversized_and_wrong_method_requests(server, tmp_path):

@@ -246,7 +246,8 @@ async def serve(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.watch)
-            bound = await nursery.start(server.serve, [(args.host, args.port)])
+            hosts = args.host or ["0.0.0.0", "::"]
+            bound = await nursery.start(server.serve, [(h, args.port) for h in hosts])
             log.info(
                 "webhook ready: https on %s, %s",
                 " ".join(f"{h}:{p}" for h, p in bound),
@@ -275,7 +276,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("--tls-cert", type=Path, required=True, help="serving certificate (PEM)")
     p.add_argument("--tls-key", type=Path, required=True, help="its private key (PEM)")
-    p.add_argument("--host", default="::", help="address to listen on (default ::)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="address to listen on, repeatable (default 0.0.0.0 and ::, each family its own "
+        "socket: the Service may reach the pod over either)",
+    )
     p.add_argument("--port", type=int, default=8443, help="port (default 8443)")
     p.add_argument(
         "--max-request-bytes",
