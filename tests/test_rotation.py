@@ -57,11 +57,16 @@ def issue_bundle(lab: PodLab, pod: str) -> tuple[bytes, int]:
     return pem, cert.serial_number
 
 
-def publish(lab: PodLab, bundle: bytes) -> None:
-    kubelet.write(
-        lab.workdir / "b-volume",
-        {"credentialbundle.pem": bundle, "ca.crt": (lab.workdir / "ca.crt").read_bytes()},
-    )
+def publish(lab: PodLab, bundle: bytes, layout: str = "bundle") -> None:
+    """Write B's credentials as the kubelet does: a podCertificate + clusterTrustBundle
+    projection (``bundle``) or a Secret / csi-driver-spiffe volume (``secret``)."""
+    ca = (lab.workdir / "ca.crt").read_bytes()
+    if layout == "bundle":
+        kubelet.write(lab.workdir / "b-volume", {"credentialbundle.pem": bundle, "ca.crt": ca})
+    else:
+        cut = bundle.index(b"-----BEGIN CERTIFICATE-----") if b"CERTIFICATE" in bundle else 0
+        key, chain = bundle[:cut], bundle[cut:]
+        kubelet.write(lab.workdir / "b-secret", {"tls.crt": chain, "tls.key": key, "ca.crt": ca})
 
 
 def presented_serial(lab: PodLab, port: int = ECHO) -> int:
@@ -101,6 +106,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
         publish(lab, bundle)
         volume = lab.workdir / "b-volume"
         lab.files["b-bundle"] = TLSFiles.bundle(volume / "credentialbundle.pem", volume / "ca.crt")
+        publish(lab, bundle, "secret")
+        secret = lab.workdir / "b-secret"
+        lab.files["b-secret"] = TLSFiles(secret / "tls.crt", secret / "tls.key", secret / "ca.crt")
         lab.start_sidecar("a")
         py = sys.executable
         lab.start_app("b", py, "-m", "lab.apps", "echo-server", str(ECHO), port=ECHO)
@@ -143,8 +151,9 @@ class Transfer(threading.Thread):
             self.error = exc
 
 
-def test_symlink_swap_mid_transfer_then_new_connections_use_the_new_certificate(lab):
-    sidecar = lab.start_sidecar("b", "--credential-poll", "0.1", identity="b-bundle")
+@pytest.mark.parametrize("layout", ["bundle", "secret"])
+def test_symlink_swap_mid_transfer_then_new_connections_use_the_new_certificate(lab, layout):
+    sidecar = lab.start_sidecar("b", "--credential-poll", "0.1", identity=f"b-{layout}")
     try:
         first = presented_serial(lab)
         transfer = Transfer(lab, chunks=64, hold=16)
@@ -152,7 +161,7 @@ def test_symlink_swap_mid_transfer_then_new_connections_use_the_new_certificate(
         assert transfer.at_hold.wait(20), transfer.error
         since = len(sidecar.log())
         bundle, second = issue_bundle(lab, "b")
-        publish(lab, bundle)  # the kubelet's atomic ..data swap
+        publish(lab, bundle, layout)  # the kubelet's atomic ..data swap
         line = wait_for(lab, "b", r"credentials reloaded \(files changed\)", since)
         assert f"now serial {second:x}" in line and f"(was serial {first:x})" in line
         transfer.release.set()
@@ -163,9 +172,10 @@ def test_symlink_swap_mid_transfer_then_new_connections_use_the_new_certificate(
 
         # A corrupt bundle: one error line, the second certificate stays in use.
         since = len(sidecar.log())
-        publish(lab, bundle[: len(bundle) // 2])
+        publish(lab, bundle[: len(bundle) // 2], layout)  # a truncated key / bundle
         line = wait_for(lab, "b", r"credentials not reloaded", since)
-        assert "credential bundle" in line and f"keeping serial {second:x}" in line
+        assert ("credential bundle" if layout == "bundle" else "certificate file") in line
+        assert f"keeping serial {second:x}" in line
         assert presented_serial(lab) == second
         assert sidecar.process.poll() is None
     finally:
