@@ -5,7 +5,7 @@
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv nftables iproute2 ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 WORKDIR /src
 # Only the runtime package: the test lab (lab/, tests/, fuzz/, benchmarks/) stays out
 # of the image (.dockerignore too), and `trio-tproxy demo` says where it lives instead.
