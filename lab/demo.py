@@ -70,7 +70,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
         started = time.monotonic()
         try:
-            with PodLab(workdir) as lab:
+            with PodLab(workdir, sidecar_image=getattr(args, "image", None)) as lab:
                 return _demo(lab, started)
         except KeyboardInterrupt:
             print("\ninterrupted: everything was torn down")

@@ -174,6 +174,14 @@ def test_rules_show_prints_the_table_and_the_routes():
             "trio-tproxy rules: error: unrecognized arguments: --x 1",
         ),
         (["run"], "the following arguments are required: --cert/-cert, --key/-key, --ca-cert"),
+        (
+            ["run", "--credential-bundle", "b.pem"],
+            "the following arguments are required: --ca-cert",
+        ),
+        (
+            ["run", *FILES, "--credential-bundle", "b.pem"],
+            "--credential-bundle replaces --cert and --key",
+        ),
         (["rules", "show", "--tcp-port", "5", "--tls-port", "5"], "both 5"),
         (["rules", "show", "--table", "1abc"], "invalid nft table name"),
         (
@@ -214,9 +222,13 @@ def test_run_help_shows_required_files_and_documents_every_flag():
     out = run_cli("run", "--help")
     assert out.returncode == 0
     usage = out.stdout.split("\n\n", 1)[0]
-    # Required flags are the ones argparse prints without brackets.
-    for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT"):
-        assert flag in usage and f"[{flag}]" not in usage
+    # Which files are required is said by the group's title (argparse cannot
+    # express "--cert and --key, or --credential-bundle").
+    for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT", "--credential-bundle PATH"):
+        assert flag in usage
+    assert (
+        "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)" in out.stdout
+    )
     for flag in (
         "--handshake-timeout",
         "--connect-timeout",

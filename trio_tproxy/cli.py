@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import logging
 import sys
@@ -211,17 +212,33 @@ def add_run_flags(parser: _Parser) -> None:
         "'trio-tproxy certs ca --out DIR' and 'trio-tproxy certs issue --ca-dir DIR --out DIR "
         "--name NAME --spiffe-id spiffe://cluster.local/ns/NS/sa/SA'"
     )
-    g = parser.add_argument_group("TLS (--cert, --key and --ca-cert are required)")
-    g.add_argument(
-        *_flag("--cert"), type=Path, required=True, help="this pod's certificate chain (PEM)"
+    g = parser.add_argument_group(
+        "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)"
     )
-    g.add_argument(*_flag("--key"), type=Path, required=True, help="its private key (PEM)")
+    g.add_argument(*_flag("--cert"), type=Path, help="this pod's certificate chain (PEM)")
+    g.add_argument(*_flag("--key"), type=Path, help="its private key (PEM)")
+    g.add_argument(
+        "--credential-bundle",
+        dest="credential_bundle",
+        type=Path,
+        metavar="PATH",
+        help="instead of --cert and --key: one PEM file with the private key then the "
+        "certificate chain (a Kubernetes podCertificate projection's credentialBundlePath)",
+    )
     g.add_argument(
         *_flag("--ca-cert"),
         dest="ca_cert",
         type=Path,
-        required=True,
-        help="CA bundle peers must chain to (PEM)",
+        help="CA bundle peers must chain to (PEM; e.g. a clusterTrustBundle projection)",
+    )
+    g.add_argument(
+        "--credential-poll",
+        dest="credential_poll",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="SECONDS",
+        help="how often to look for rotated credential files; SIGHUP reloads at once "
+        f"(default {_shown(ProxyConfig, 'credential_poll')})",
     )
     g.add_argument(
         "--trust-domain",
@@ -332,8 +349,12 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
     identity = _given(args, "mode", "trust_domain", "allow_ids")
     if "allow_ids" in identity:
         identity["allow_ids"] = tuple(identity["allow_ids"])
+    if args.credential_bundle is not None:
+        tls = TLSFiles.bundle(args.credential_bundle, args.ca_cert)
+    else:
+        tls = TLSFiles(cert=args.cert, key=args.key, ca_cert=args.ca_cert)
     return ProxyConfig(
-        tls=TLSFiles(cert=args.cert, key=args.key, ca_cert=args.ca_cert),
+        tls=tls,
         identity=IdentityPolicy(**identity),
         interception=interception_from(args),
         timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close")),
@@ -345,8 +366,23 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
             "route_check_interval",
             "session_cache",
             "tls_groups",
+            "credential_poll",
         ),
     )
+
+
+def check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cert and --key, or --credential-bundle (not both); and --ca-cert."""
+    bundle = args.credential_bundle is not None
+    if bundle and (args.cert is not None or args.key is not None):
+        parser.error("--credential-bundle replaces --cert and --key: give one or the other")
+    missing = [] if bundle else [f for f in ("cert", "key") if getattr(args, f) is None]
+    missing = [f"--{f}/-{f}" for f in missing]
+    if args.ca_cert is None:
+        missing.append("--ca-cert")
+    if missing:
+        or_bundle = " (or --credential-bundle for --cert and --key)" if not bundle else ""
+        parser.error(f"the following arguments are required: {', '.join(missing)}{or_bundle}")
 
 
 def setup_logging(verbosity: int) -> None:
@@ -408,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the sidecar (needs CAP_NET_ADMIN)")
     add_run_flags(run)
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, check=functools.partial(check_tls_flags, run))
 
     rules = sub.add_parser(
         "rules", help="show, apply or delete the nftables rules and policy routes"
@@ -417,9 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_interception_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
-    from . import certs
+    from . import certs, k8scli, webhook
 
     certs.register(sub)
+    k8scli.register(sub)  # inject
+    webhook.register(sub)
     demo = sub.add_parser(
         "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
     )
@@ -453,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Reported by the subcommand's parser, so the line names it.
         sub = _subparser(parser, args.command)
         sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
     try:
         code: int = args.func(args)
     except (ConfigError, OSError) as exc:

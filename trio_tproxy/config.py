@@ -148,9 +148,26 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class TLSFiles:
+    """Where our credentials are.  ``cert == key`` is a credential bundle (the
+    Kubernetes podCertificate format: a PKCS#8 key then the chain, one file),
+    read in one go so a rotation can never pair a key with another's certificate."""
+
     cert: Path
     key: Path
     ca_cert: Path
+
+    @classmethod
+    def bundle(cls, bundle: Path, ca_cert: Path) -> TLSFiles:
+        return cls(cert=bundle, key=bundle, ca_cert=ca_cert)
+
+    @property
+    def is_bundle(self) -> bool:
+        return self.cert == self.key
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Each distinct file, for the reload watcher."""
+        return tuple(dict.fromkeys((self.cert, self.key, self.ca_cert)))
 
 
 @dataclass(frozen=True)
@@ -275,8 +292,13 @@ class ProxyConfig:
     #: With ``manage_rules`` False: seconds to wait for the rules another
     #: process (an init container) installs before giving up.
     rules_wait: float = 10.0
+    #: Seconds between two looks (stat) at the credential files for a change.
+    credential_poll: float = 2.0
+    #: Warn when our certificate has less than this fraction of its lifetime left.
+    expiry_warning_fraction: float = 1 / 3
 
     def __post_init__(self) -> None:
+        check_positive(self.credential_poll, "--credential-poll")
         check_at_least_zero(self.verbosity, "verbosity -v")
         check_positive(self.route_check_interval, "--route-check-interval")
         check_at_least_zero(self.session_cache, "--session-cache")

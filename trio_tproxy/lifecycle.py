@@ -14,7 +14,11 @@ Order matters:
    routes, off the event loop; with ``--no-rules`` we instead wait, bounded,
    until another process (an init container) has installed them.
 4. The one "ready:" line, at INFO.
-5. A watcher (:mod:`.drift`) wakes on netlink notifications (rules, routes,
+5. The credential watcher (:mod:`.reload`) polls the certificate files and
+   takes SIGHUP as "reload now"; SIGUSR1/SIGUSR2 are logged and ignored.  From
+   the first line of ``run`` until the end, no signal but SIGKILL ends the
+   process without a log line.
+6. A watcher (:mod:`.drift`) wakes on netlink notifications (rules, routes,
    links, nftables objects of our table), re-checks table and routes together
    and repairs them within milliseconds, one warning line per repair; a
    ``route_check_interval`` poll backs it up.
@@ -33,7 +37,7 @@ from types import FrameType
 
 import trio
 
-from . import drift, tlspolicy
+from . import drift, reload, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
@@ -109,6 +113,25 @@ async def _stop_on_signal(
         return
 
 
+#: Signals that must never end the sidecar silently: SIGHUP reloads the
+#: credentials (what ghostunnel/stunnel users expect); the user signals, whose
+#: default action is to terminate without a word, are logged and ignored.
+RELOAD_SIGNALS = (signal.SIGHUP,)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+async def _reload_on_signal(
+    signals: AsyncIterator[int], watcher: reload.CredentialWatcher[Credentials]
+) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum in RELOAD_SIGNALS:
+            log.info("%s received: reloading credentials", name)
+            watcher.request()
+        else:
+            log.warning("%s received: ignored (SIGTERM stops, SIGHUP reloads)", name)
+
+
 def _absorb_late_signal(signum: int, frame: FrameType | None) -> None:
     # Installed before the receiver opens, so trio restores (and redelivers any
     # queued signal to) this instead of the default action: a second SIGTERM
@@ -135,14 +158,26 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
     """Serve until SIGTERM/SIGINT; remove what we installed on the way out."""
     installer = Installer(config.interception)
     sidecar = Sidecar(config, credentials)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    watcher = reload.CredentialWatcher.for_files(
+        config.tls,
+        credentials,
+        sidecar.use_credentials,
+        poll=config.credential_poll,
+        expiry_warning_fraction=config.expiry_warning_fraction,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT, *RELOAD_SIGNALS, *IGNORED_SIGNALS):
         signal.signal(signum, _absorb_late_signal)
     received: list[str] = []
     installed = ready = False
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with (
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+        trio.open_signal_receiver(*RELOAD_SIGNALS, *IGNORED_SIGNALS) as other_signals,
+    ):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope, received)
+                nursery.start_soon(_reload_on_signal, other_signals, watcher)
+                await nursery.start(watcher.watch)
                 await nursery.start(sidecar.serve)
                 if config.manage_rules:
                     installed = True  # before apply: a failed apply may leave a table

@@ -171,19 +171,33 @@ class Sidecar:
         self.config = config
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
-        groups = config.tls_groups
-        self.server_context = tlspolicy.server_context(credentials, groups=groups)
-        self.client_context = tlspolicy.client_context(credentials, groups=groups)
+        self.use_credentials(credentials)
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
         self.stats = Stats()
-        self.sessions = SessionCache(config.session_cache)
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
         #: Ports of our own listeners: never a destination we dial.
         self.own_ports: frozenset[int] = frozenset(p for p in self.ports if p)
+
+    def use_credentials(self, credentials: Credentials) -> None:
+        """Serve NEW connections with ``credentials`` (raises, changing nothing, if
+        OpenSSL refuses them).  Live connections keep the context they started
+        with; sessions set up under the old credentials are never resumed."""
+        groups = self.config.tls_groups
+        server = tlspolicy.server_context(credentials, groups=groups)
+        client = tlspolicy.client_context(credentials, groups=groups)
+        # Three assignments, no await between them: atomic for every handler.
+        # A fresh ticket key comes with the new server context, so peers'
+        # tickets from the old one are refused too.
+        self.server_context, self.client_context = server, client
+        old = getattr(self, "sessions", None)
+        self.sessions = SessionCache(self.config.session_cache)
+        if old is not None:
+            old.clear()  # a live egress connection may still keep() into it: harmless
+        self.credentials = credentials
 
     # -- sockets we dial -------------------------------------------------------
 
@@ -280,13 +294,14 @@ class Sidecar:
             if self._dials_itself(dst):
                 raise Refused(f"{fmt_addr(dst)} is this sidecar's own listener")
             tls_sock = await self.dial(dst)
+            sessions = self.sessions  # replaced (not reused) when credentials change
             leg = await tlspolicy.connect(
                 self.client_context,
                 tls_sock,
                 self.config.identity,
                 dst,
                 handshake_timeout=self.config.timeouts.handshake,
-                sessions=self.sessions,
+                sessions=sessions,
             )
             conn.leg = leg
             legs.append(leg.stream)
@@ -299,7 +314,7 @@ class Sidecar:
                 result=conn.result,
             )
             if conn.result.outcome == "ok":
-                tlspolicy.keep_session(self.sessions, leg, dst)  # the ticket came with the data
+                tlspolicy.keep_session(sessions, leg, dst)  # the ticket came with the data
             ended = "relayed"
         except Refused as exc:
             conn.refusal, ended = str(exc), "refused"

@@ -113,8 +113,13 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
     ctx.use_privatekey(creds.key)
     ctx.check_privatekey()
 
-    # Only our CA bundle; never set_default_verify_paths().
-    ctx.load_verify_locations(str(creds.files.ca_cert))
+    # Only our CA bundle; never set_default_verify_paths().  The certificates
+    # parsed and checked by load_credentials, not the file again: a rotation
+    # between the check and a second read would go unchecked.
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
+    for ca in creds.ca_certs:
+        store.add_cert(crypto.X509.from_cryptography(ca))
     mode = SSL.VERIFY_PEER
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
