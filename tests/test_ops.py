@@ -127,14 +127,30 @@ def http_get(lab: PodLab, pod: str, path: str, host: str = "127.0.0.1") -> tuple
     return int(head.split()[1]), body.decode()
 
 
+#: Where each sidecar's own lines start in its pod's log file (shared by the module's tests).
+_OFFSETS: dict[int, int] = {}
+
+
+def start_a(lab: PodLab, *flags: str) -> Sidecar:
+    path = lab.workdir / "sidecar-a.log"
+    offset = path.stat().st_size if path.exists() else 0
+    sidecar = lab.start_sidecar("a", *flags)
+    _OFFSETS[id(sidecar)] = offset
+    return sidecar
+
+
+def log_of(sidecar: Sidecar) -> str:
+    return sidecar.log_path.read_bytes()[_OFFSETS.get(id(sidecar), 0) :].decode(errors="replace")
+
+
 def wait_log(sidecar: Sidecar, pattern: str, timeout: float = 10.0) -> re.Match[str]:
     deadline = time.monotonic() + timeout
     while True:
-        found = re.search(pattern, sidecar.log())
+        found = re.search(pattern, log_of(sidecar))
         if found:
             return found
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {pattern!r} in the log:\n{sidecar.log()[-3000:]}")
+            raise AssertionError(f"no {pattern!r} in the log:\n{log_of(sidecar)[-3000:]}")
         time.sleep(0.02)
 
 
@@ -142,7 +158,7 @@ def wait_exit(sidecar: Sidecar, timeout: float) -> int:
     try:
         return sidecar.process.wait(timeout)
     except subprocess.TimeoutExpired:
-        log = sidecar.log()[-3000:]
+        log = log_of(sidecar)[-3000:]
         raise AssertionError(f"sidecar still running after {timeout}s:\n{log}") from None
 
 
@@ -163,9 +179,16 @@ def table_present(lab: PodLab, pod: str = "a") -> bool:
 
 
 def open_held(lab: PodLab, payload: bytes = b"held") -> socket.socket:
+    """A connection through both sidecars, open: returns once B's app has accepted it."""
+    sink: SinkServer = lab.sink  # type: ignore[attr-defined]
+    accepted = sink.accepted
     sock = client(lab)
     sock.connect(b_addr(lab))
     sock.sendall(payload)
+    deadline = time.monotonic() + 10
+    while sink.accepted == accepted:
+        assert time.monotonic() < deadline, "the held connection never reached B's app"
+        time.sleep(0.01)
     return sock
 
 
@@ -183,7 +206,7 @@ def finish(sock: socket.socket) -> str:
 
 
 def test_sigterm_drain_lets_a_200mb_transfer_finish_and_removes_the_rules(lab, sidecar_a):
-    a = lab.start_sidecar("a")  # defaults: --drain-timeout 20, --on-exit remove
+    a = start_a(lab)  # defaults: --drain-timeout 20, --on-exit remove
     readyz_soon(lab, 200)
     block = os.urandom(MB)
     total = 200
@@ -213,7 +236,7 @@ def test_sigterm_drain_lets_a_200mb_transfer_finish_and_removes_the_rules(lab, s
     assert result == [expected.hexdigest()], "the transfer was cut or corrupted"
     assert wait_exit(a, 20) == 0
     assert time.monotonic() - signalled < 20
-    log = a.log()
+    log = log_of(a)
     assert re.search(r"egress \S+ -> \S+:7300 .* sent=209715200 .*outcome=ok", log), log
     assert "drained: no connection active" in log and "outcome=drained" not in log
     lab.sidecars.pop("a")
@@ -221,7 +244,7 @@ def test_sigterm_drain_lets_a_200mb_transfer_finish_and_removes_the_rules(lab, s
 
 
 def test_drain_timeout_resets_the_rest_and_on_exit_keep_fails_closed(lab, sidecar_a):
-    a = lab.start_sidecar("a", "--drain-timeout", "1", "--on-exit", "keep")
+    a = start_a(lab, "--drain-timeout", "1", "--on-exit", "keep")
     held = open_held(lab)
     wait_log(a, r"ready:")
     a.process.send_signal(signal.SIGTERM)
@@ -234,7 +257,7 @@ def test_drain_timeout_resets_the_rest_and_on_exit_keep_fails_closed(lab, sideca
     held.close()
     assert wait_exit(a, 10) == 0
     assert 1.0 <= time.monotonic() - signalled < 5.0
-    log = a.log()
+    log = log_of(a)
     assert re.search(r"egress \S+ -> \S+:7300 .*outcome=drained", log), log
     assert "drain timeout: resetting the 1 connections still open" in log
     assert "'egress/drained': 1" in log
@@ -252,7 +275,7 @@ def test_drain_timeout_resets_the_rest_and_on_exit_keep_fails_closed(lab, sideca
 
 
 def test_second_signal_ends_the_drain_at_once(lab, sidecar_a):
-    a = lab.start_sidecar("a", "--drain-timeout", "30")
+    a = start_a(lab, "--drain-timeout", "30")
     held = open_held(lab)
     a.process.send_signal(signal.SIGTERM)
     wait_log(a, r"draining: 1 connections active")
@@ -262,7 +285,7 @@ def test_second_signal_ends_the_drain_at_once(lab, sidecar_a):
     assert wait_exit(a, 5) == 0
     assert time.monotonic() - second < 3.0
     held.close()
-    log = a.log()
+    log = log_of(a)
     assert "SIGINT received: ending the drain now" in log
     assert re.search(r"second signal: resetting the 1 connections", log)
     assert re.search(r"outcome=drained", log), log
@@ -271,7 +294,7 @@ def test_second_signal_ends_the_drain_at_once(lab, sidecar_a):
 
 @pytest.mark.parametrize("mode", ["accept", "refuse"])
 def test_new_connections_during_the_drain(lab, sidecar_a, mode):
-    a = lab.start_sidecar("a", "--drain-timeout", "15", "--drain-new", mode)
+    a = start_a(lab, "--drain-timeout", "15", "--drain-new", mode)
     held = open_held(lab, b"keeps the drain going")
     a.process.send_signal(signal.SIGTERM)
     wait_log(a, r"draining: 1 connections active")
@@ -297,7 +320,7 @@ def test_new_connections_during_the_drain(lab, sidecar_a, mode):
     done = time.monotonic()
     assert wait_exit(a, 10) == 0
     assert time.monotonic() - done < 2.0
-    assert "drained: no connection active" in a.log()
+    assert "drained: no connection active" in log_of(a)
     lab.sidecars.pop("a")
 
 
@@ -319,7 +342,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_count_the_traffic_exactly_and_json_logs(lab, sidecar_a):
-    a = lab.start_sidecar("a", "--log-format", "json")
+    a = start_a(lab, "--log-format", "json")
     b_before = scrape(lab, "b")
     sizes = [1, 70_000, 3 * MB]
     held = [open_held(lab, b"x" * n) for n in sizes]
@@ -345,8 +368,8 @@ def test_metrics_count_the_traffic_exactly_and_json_logs(lab, sidecar_a):
             pass
         sock.close()
     deadline = time.monotonic() + 5
-    while a.log().count('"outcome": "refused"') < 2:
-        assert time.monotonic() < deadline, a.log()
+    while log_of(a).count('"outcome": "refused"') < 2:
+        assert time.monotonic() < deadline, log_of(a)
         time.sleep(0.02)
     deadline = time.monotonic() + 5
     while value(after := scrape(lab, "a"), "trio_tproxy_active_connections"):
@@ -374,7 +397,7 @@ def test_metrics_count_the_traffic_exactly_and_json_logs(lab, sidecar_a):
     recv_key = ("trio_tproxy_bytes_total", (("direction", "ingress"), ("flow", "received")))
     assert b_after[recv_key] - b_before.get(recv_key, 0) == sum(sizes)
     # --log-format json: one object per line, the same fields as the text line.
-    lines = [json.loads(line) for line in a.log().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in log_of(a).splitlines() if line.startswith("{")]
     conns = [obj for obj in lines if obj.get("logger") == "trio_tproxy.conn"]
     assert sorted(obj["sent"] for obj in conns) == sorted(sizes)
     for obj in conns:
@@ -387,7 +410,7 @@ def test_metrics_count_the_traffic_exactly_and_json_logs(lab, sidecar_a):
 
 
 def test_admin_port_is_not_intercepted_and_survives_bad_requests(lab, sidecar_a):
-    lab.start_sidecar("a")
+    start_a(lab)
     a = lab.host("a")
     for host in (a.ip4, a.ip6):  # from a host without a sidecar, to the pod's addresses
         run = lab.topology.run(
@@ -460,7 +483,7 @@ def doctor(lab: PodLab, *flags: str, identity: str = "a") -> tuple[int, str]:
 
 
 def test_doctor_healthy_pod_also_with_rp_filter_1(lab, sidecar_a):
-    lab.start_sidecar("a")
+    start_a(lab)
     b = lab.host("b")
     code, out = doctor(lab, "--peer", f"{b.ip4}:{SINK}")
     assert code == 0, out
