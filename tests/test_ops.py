@@ -249,7 +249,7 @@ def test_drain_timeout_resets_the_rest_and_on_exit_keep_fails_closed(lab, sideca
     wait_log(a, r"ready:")
     a.process.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
-    wait_log(a, r"draining: 1 connections active")
+    wait_log(a, r"draining 1 connections active")
     with pytest.raises(ConnectionResetError):
         held.settimeout(10)
         while held.recv(65536):
@@ -278,7 +278,7 @@ def test_second_signal_ends_the_drain_at_once(lab, sidecar_a):
     a = start_a(lab, "--drain-timeout", "30")
     held = open_held(lab)
     a.process.send_signal(signal.SIGTERM)
-    wait_log(a, r"draining: 1 connections active")
+    wait_log(a, r"draining 1 connections active")
     assert http_get(lab, "a", "/readyz")[0] == 503
     a.process.send_signal(signal.SIGINT)
     second = time.monotonic()
@@ -297,7 +297,7 @@ def test_new_connections_during_the_drain(lab, sidecar_a, mode):
     a = start_a(lab, "--drain-timeout", "15", "--drain-new", mode)
     held = open_held(lab, b"keeps the drain going")
     a.process.send_signal(signal.SIGTERM)
-    wait_log(a, r"draining: 1 connections active")
+    wait_log(a, r"draining 1 connections active")
     payload = b"new during the drain"
     sock = client(lab)
     if mode == "accept":
@@ -559,3 +559,18 @@ def test_doctor_findings(lab, sidecar_a, tmp_path: Path):
         ],
     )
     assert run.returncode == 1 and "certificate expired on" in run.stdout, run.stdout
+
+
+def test_admin_port_in_use_is_one_line_and_exit_2(lab, sidecar_a):
+    holder = socket_in(lab.host("a").netns, socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # earlier tests' TIME_WAIT
+    holder.bind(("127.0.0.1", ADMIN))
+    holder.listen(1)
+    try:
+        run = lab.topology.run("a", [*lab.sidecar_command("a")], timeout=30)
+    finally:
+        holder.close()
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert "admin server: cannot listen on port 15020" in run.stderr
+    assert not table_present(lab)  # nothing left behind

@@ -149,8 +149,8 @@ class _Drain:
         self.health.draining = sidecar.draining = True
         sidecar.refuse_new = self.config.drain_new == "refuse"
         log.info(
-            "%s received: draining: %d connections active, new connections %s, exit when none "
-            "is left or in %gs",
+            "%s received: shutting down: draining %d connections active, new connections %s, "
+            "exit when none is left or in %gs",
             name,
             sidecar.stats.active,
             "refused" if sidecar.refuse_new else "accepted",
@@ -265,10 +265,9 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                 else:
                     checked = await wait_for_rules(installer, config.rules_wait)
                     rules = f"{describe_interception(config)} ({checked})"
-                    if "nft table" in checked and "no CAP_NET_ADMIN" not in checked:
-                        health.verify = installer.verify
-                    else:
-                        health.verify = installer.routes.missing
+                    # Without CAP_NET_ADMIN the table cannot be read: routes only.
+                    no_cap = "no CAP_NET_ADMIN" in checked
+                    health.verify = installer.routes.missing if no_cap else installer.verify
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
                     "trust-domain=%s",
@@ -323,8 +322,15 @@ async def _start_admin(
     registry = metrics.registry(sidecar.stats, extra)
     server = admin.make_server(health, registry, lambda: list(sidecar.stats.recent))
     addresses = await trio.to_thread.run_sync(admin.pod_addresses, config.admin_port)
-    bound = await nursery.start(server.serve, addresses)
-    log.info("admin: http://%s/ (healthz, readyz, metrics)", " ".join(fmt_addr(a) for a in bound))
+    try:
+        bound = await nursery.start(server.serve, addresses)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"admin server: cannot listen on port {config.admin_port}: {exc.strerror or exc} "
+            "(--admin-port PORT to move it, 0 to turn it off)",
+        ) from None
+    log.info("admin server (/healthz /readyz /metrics) on %s", " ".join(fmt_addr(a) for a in bound))
 
 
 async def _remove(installer: Installer, *, quiet: bool) -> None:
