@@ -238,8 +238,9 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                 )
                 await nursery.start(sidecar.serve)
                 health.listening = True
+                admin_bound: list[tuple[str, int]] = []
                 if config.admin_port:
-                    await _start_admin(nursery, config, sidecar, health)
+                    admin_bound = await _start_admin(nursery, config, sidecar, health)
                 if config.manage_rules:
                     installed = True  # before apply: a failed apply may leave a table
                     await trio.to_thread.run_sync(installer.apply)
@@ -278,6 +279,11 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                     config.identity.mode,
                     config.identity.trust_domain,
                 )
+                if admin_bound:  # after "ready:": a start-up failure stays one line
+                    log.info(
+                        "admin server (/healthz /readyz /metrics) on %s",
+                        " ".join(fmt_addr(a) for a in admin_bound),
+                    )
                 ready = ready_flag[0] = health.ready = True
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
@@ -312,7 +318,7 @@ def _count_check(sidecar: Sidecar, check: drift.Check) -> None:
 
 async def _start_admin(
     nursery: trio.Nursery, config: ProxyConfig, sidecar: Sidecar, health: admin.Health
-) -> None:
+) -> list[tuple[str, int]]:
     def extra() -> dict[str, float]:
         return {
             "credential_expiry_timestamp_seconds": health.credentials.not_after.timestamp(),
@@ -323,14 +329,14 @@ async def _start_admin(
     server = admin.make_server(health, registry, lambda: list(sidecar.stats.recent))
     addresses = await trio.to_thread.run_sync(admin.pod_addresses, config.admin_port)
     try:
-        bound = await nursery.start(server.serve, addresses)
+        bound: list[tuple[str, int]] = await nursery.start(server.serve, addresses)
     except OSError as exc:
         raise OSError(
             exc.errno,
             f"admin server: cannot listen on port {config.admin_port}: {exc.strerror or exc} "
             "(--admin-port PORT to move it, 0 to turn it off)",
         ) from None
-    log.info("admin server (/healthz /readyz /metrics) on %s", " ".join(fmt_addr(a) for a in bound))
+    return bound
 
 
 async def _remove(installer: Installer, *, quiet: bool) -> None:
