@@ -31,6 +31,7 @@ import trio
 
 from lab.netns import next_prefix, scratch_netns, socket_in
 from lab.require import skip_or_fail
+from trio_tproxy.cli import build_parser, interception_from
 from trio_tproxy.config import Interception
 from trio_tproxy.interception import Installer
 from trio_tproxy.kernel import (
@@ -56,6 +57,11 @@ NOTHING = 0.3
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+#: What `trio-tproxy rules apply` (and `run`) install with no flags: the defaults plus the
+#: admin port (15020) excluded from inbound interception.
+CLI_INTERCEPTION = interception_from(build_parser().parse_args(["rules", "show"]))
 
 
 def ip(*args: str) -> str:
@@ -841,7 +847,7 @@ def test_watcher_repairs_table_and_routes_with_one_warning_line(
     assert len(repaired) == 2, repaired
     assert " WARNING restored nft table inet trio_tproxy (drift: " in repaired[0]
     assert ROUTE6 in repaired[1]
-    assert Installer(Interception(), netns).verify() == []
+    assert Installer(CLI_INTERCEPTION, netns).verify() == []
     run.signal()
     assert run.wait() == 0
     assert nothing_installed(netns) == NOTHING_LEFT
@@ -868,7 +874,7 @@ def test_no_rules_waits_for_the_init_containers_rules_and_leaves_them(
     run = sidecar("--no-rules", "--rules-wait", "20")
     run.wait_for("other")  # it has looked once and found nothing
     assert "ready:" not in run.text()
-    init = Installer(Interception(), netns)
+    init = Installer(CLI_INTERCEPTION, netns)
     init.apply()  # what an init container's `trio-tproxy rules apply` does
     run.wait_for("ready:")
     assert "(rules installed by another process (table and routes verified))" in run.text()
@@ -903,7 +909,7 @@ def test_no_rules_without_cap_net_admin_checks_the_routes(
     """Reading the nft table needs CAP_NET_ADMIN: without it, the routes are what is checked."""
     if shutil.which("setpriv") is None:
         skip_or_fail("setpriv (util-linux) is not installed")
-    init = Installer(Interception(), netns)
+    init = Installer(CLI_INTERCEPTION, netns)
     init.apply()
     try:
         # CAP_NET_RAW stays: IP_TRANSPARENT and SO_MARK accept it instead of CAP_NET_ADMIN.

@@ -1,4 +1,4 @@
-"""Command line: trio-tproxy run | rules | certs | demo.
+"""Command line: trio-tproxy run | rules | doctor | certs | demo.
 
 The reference design's flags (``-tcp-port 1``, ``-cert ...``, ``-v 1``) are
 accepted in both their single-dash Go spellings and as ``--tcp-port``.  Every
@@ -31,6 +31,7 @@ from .config import (
     ProxyConfig,
     Timeouts,
     TLSFiles,
+    check_port,
     parse_cidr,
     parse_int,
     parse_mark,
@@ -180,6 +181,16 @@ def add_interception_flags(parser: argparse.ArgumentParser) -> None:
         default=UNSET,
         help=f"policy routing table for the local routes (default {d('route_table')})",
     )
+    g.add_argument(
+        "--admin-port",
+        dest="admin_port",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="PORT",
+        help="admin HTTP server port (/healthz, /readyz, /metrics), plaintext, on the pod's "
+        "addresses and loopback; excluded from inbound interception; 0: off (default "
+        f"{_shown(ProxyConfig, 'admin_port')})",
+    )
 
 
 def interception_from(args: argparse.Namespace) -> Interception:
@@ -199,10 +210,25 @@ def interception_from(args: argparse.Namespace) -> Interception:
     for name in ("intercept_cidrs", "exclude_cidrs"):
         if name in given:
             given[name] = tuple(given[name])
+    # The admin port is reached directly (kubelet, Prometheus): never intercepted.
+    # `rules apply` renders it too, so an init container's table equals the sidecar's.
+    admin_port = admin_port_from(args)
+    if admin_port:
+        given["exclude_inbound_ports"] = [*given.get("exclude_inbound_ports", ()), admin_port]
     for name in ("exclude_inbound_ports", "exclude_outbound_ports"):
         if name in given:
             given[name] = tuple(sorted(set(given[name])))
     return Interception(**given)
+
+
+def admin_port_from(args: argparse.Namespace) -> int:
+    port: int = getattr(args, "admin_port", default(ProxyConfig, "admin_port"))
+    if port != 0:
+        try:
+            check_port(port, "--admin-port")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or 0: off)") from None
+    return port
 
 
 def add_run_flags(parser: _Parser) -> None:
@@ -335,6 +361,40 @@ def add_run_flags(parser: _Parser) -> None:
         f"{_shown(ProxyConfig, 'route_check_interval')})",
     )
     o.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="after SIGTERM, let open connections finish for up to S seconds, then reset "
+        f"them; exit as soon as none is left (default {_shown(ProxyConfig, 'drain_timeout')})",
+    )
+    o.add_argument(
+        "--drain-new",
+        dest="drain_new",
+        choices=("accept", "refuse"),
+        default=UNSET,
+        help="new connections during the drain: accept (classic sidecar: the app may still "
+        "open egress while it stops) or refuse (native sidecar: the app has exited) "
+        f"(default {_shown(ProxyConfig, 'drain_new')})",
+    )
+    o.add_argument(
+        "--on-exit",
+        dest="on_exit",
+        choices=("remove", "keep"),
+        default=UNSET,
+        help="rules on exit: remove (leave nothing behind) or keep (pods: the fail-closed "
+        "rules refuse intercepted traffic until a sidecar is back, never plaintext) "
+        f"(default {_shown(ProxyConfig, 'on_exit')})",
+    )
+    o.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=("text", "json"),
+        default=UNSET,
+        help=f"text lines or one JSON object per line (default {_shown(ProxyConfig, 'log_format')})",
+    )
+    o.add_argument(
         "--session-cache",
         dest="session_cache",
         type=_typed(parse_int),
@@ -367,7 +427,12 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
             "session_cache",
             "tls_groups",
             "credential_poll",
+            "drain_timeout",
+            "drain_new",
+            "on_exit",
+            "log_format",
         ),
+        admin_port=admin_port_from(args),
     )
 
 
@@ -385,12 +450,15 @@ def check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"the following arguments are required: {', '.join(missing)}{or_bundle}")
 
 
-def setup_logging(verbosity: int) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    from .logfmt import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO, handlers=[handler])
     logging.getLogger("trio_tproxy.conn").setLevel(
         logging.INFO if verbosity >= 1 else logging.WARNING
     )
@@ -404,7 +472,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     credentials = lifecycle.preflight(config)
-    setup_logging(config.verbosity)
+    setup_logging(config.verbosity, config.log_format)
     # The cyclic collector walks every tracked object it may own: keep the
     # startup objects (modules, classes) out of its way and run it less often
     # (per message the sidecar allocates many short-lived containers).
@@ -453,6 +521,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_interception_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this network namespace's interception and explain what is wrong "
+        "(run inside the pod: kubectl exec / nsenter); exit 1 with findings",
+    )
+    add_interception_flags(doctor)
+    d = doctor.add_argument_group("doctor")
+    d.add_argument(*_flag("--cert"), type=Path, help="the sidecar's certificate chain (PEM)")
+    d.add_argument(*_flag("--key"), type=Path, help="its private key (PEM)")
+    d.add_argument(*_flag("--ca-cert"), dest="ca_cert", type=Path, help="its CA bundle (PEM)")
+    d.add_argument(
+        "--trust-domain",
+        dest="trust_domain",
+        default=_shown(IdentityPolicy, "trust_domain"),
+        help="the trust domain the SPIFFE ID must be in (default %(default)s)",
+    )
+    d.add_argument(
+        "--peer",
+        type=_typed(parse_hostport),
+        metavar="HOST:PORT",
+        help="live self-test: connect there through the interception, show the peer identity",
+    )
+    d.add_argument(
+        "--conn",
+        type=_typed(parse_hostport),
+        metavar="HOST:PORT",
+        help="show conntrack's entries for connections to this destination",
+    )
+    d.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    d.add_argument(
+        "--timeout", type=_typed(parse_seconds), default=3.0, metavar="S", help="per network check"
+    )
+    doctor.set_defaults(func=cmd_doctor)
+
     from . import certs, k8scli, webhook
 
     certs.register(sub)
@@ -464,6 +566,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``10.0.0.2:80`` or ``[fd00::2]:80``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"invalid address {text!r}: HOST:PORT or [IPv6]:PORT")
+    host = host.removeprefix("[").removesuffix("]")
+    value = parse_port(port)
+    check_port(value, text)
+    return host, value
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    files = (args.cert, args.key, args.ca_cert)
+    if any(files) and not all(files):
+        raise ConfigError("--cert, --key and --ca-cert go together")
+    opts = doctor.Options(
+        ic=interception_from(args),
+        admin_port=admin_port_from(args),
+        tls=TLSFiles(args.cert, args.key, args.ca_cert) if all(files) else None,
+        trust_domain=args.trust_domain,
+        peer=args.peer,
+        conn=args.conn,
+        timeout=args.timeout,
+    )
+    results = doctor.run(opts)
+    out = doctor.render_json(results) if args.json else doctor.render_human(results)
+    sys.stdout.write(out)
+    return 1 if any(r.status == doctor.FAIL for r in results) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -297,8 +297,34 @@ class ProxyConfig:
     #: Warn when our certificate has less than this fraction of its lifetime left.
     expiry_warning_fraction: float = 1 / 3
 
+    #: Seconds to let connections finish after SIGTERM (see lifecycle): well
+    #: inside Kubernetes' default 30 s grace period, leaving time to exit.
+    drain_timeout: float = 20.0
+    #: New connections during the drain: ``accept`` (a classic sidecar: the
+    #: app may still open egress while it shuts down) or ``refuse`` (close the
+    #: listeners; the fail-closed ruleset resets what arrives).
+    drain_new: Literal["accept", "refuse"] = "accept"
+    #: What happens to the rules on exit: ``remove`` (a developer's run leaves
+    #: nothing behind) or ``keep`` (a pod: the fail-closed ruleset refuses
+    #: traffic until the sidecar is back; never plaintext).
+    on_exit: Literal["remove", "keep"] = "remove"
+    #: Admin HTTP server (/healthz, /readyz, /metrics) port; 0: off.  Excluded
+    #: from inbound interception (``Interception.exclude_inbound_ports``).
+    admin_port: int = 15020
+    #: Log lines: ``text`` (one line per connection) or ``json`` (one object per line).
+    log_format: Literal["text", "json"] = "text"
+
     def __post_init__(self) -> None:
         check_positive(self.credential_poll, "--credential-poll")
+        check_positive(self.drain_timeout, "--drain-timeout")
+        if self.drain_new not in ("accept", "refuse"):
+            raise ConfigError(f"invalid --drain-new {self.drain_new!r}: accept or refuse")
+        if self.on_exit not in ("remove", "keep"):
+            raise ConfigError(f"invalid --on-exit {self.on_exit!r}: remove or keep")
+        if self.admin_port != 0:
+            check_port(self.admin_port, "--admin-port")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"invalid --log-format {self.log_format!r}: text or json")
         check_at_least_zero(self.verbosity, "verbosity -v")
         check_positive(self.route_check_interval, "--route-check-interval")
         check_at_least_zero(self.session_cache, "--session-cache")

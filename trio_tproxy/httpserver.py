@@ -71,6 +71,7 @@ import logging
 import socket as _stdsocket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -402,7 +403,11 @@ class HttpServer:
         if close:
             headers.append(("connection", "close"))
         try:
-            data = h11conn.send(h11.Response(status_code=response.status, headers=headers))
+            data = h11conn.send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=_reason(response.status)
+                )
+            )
             assert data is not None
             if method != "HEAD" and response.body:
                 more = h11conn.send(h11.Data(data=response.body))
@@ -445,6 +450,13 @@ class HttpServer:
 
     def _count(self, status: int) -> None:
         self.responses[status] = self.responses.get(status, 0) + 1
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _head_size(event: h11.Request) -> int:

@@ -30,7 +30,7 @@ import errno
 import ipaddress
 import logging
 import socket as _stdsocket
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +39,7 @@ import trio
 from . import kernel, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials
+from .metrics import DURATION_BUCKETS, HANDSHAKE_BUCKETS, Histogram
 from .plainstream import PlainStream
 from .relay import RelayResult, relay
 from .sessions import SessionCache
@@ -75,12 +76,34 @@ def _family(host: str) -> int:
 
 @dataclass
 class Stats:
-    """Counters since start: connections by (direction, outcome), refusals by reason."""
+    """Counters since start: connections by (direction, outcome), refusals by reason.
+
+    Bumped once per connection (never per message); :mod:`.metrics` reads them
+    at scrape time.
+    """
 
     connections: Counter[tuple[str, str]] = field(default_factory=Counter)
     refusals: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
     active: int = 0
+    pending_handshakes: int = 0
+    #: (direction, "full" | "resumed") -> handshake durations.
+    handshake_seconds: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    #: direction -> connection durations.
+    duration_seconds: dict[str, Histogram] = field(
+        default_factory=lambda: {d: Histogram(DURATION_BUCKETS) for d in ("egress", "ingress")}
+    )
+    rule_repairs: int = 0
+    rule_check_failures: int = 0
+    #: The latest ended connections (for the doctor's self-test via the admin server).
+    recent: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def handshake_done(self, direction: str, resumed: bool, seconds: float) -> None:
+        key = (direction, "resumed" if resumed else "full")
+        hist = self.handshake_seconds.get(key)
+        if hist is None:
+            hist = self.handshake_seconds[key] = Histogram(HANDSHAKE_BUCKETS)
+        hist.observe(seconds)
 
 
 class Refused(Exception):
@@ -181,6 +204,19 @@ class Sidecar:
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
         #: Ports of our own listeners: never a destination we dial.
         self.own_ports: frozenset[int] = frozenset(p for p in self.ports if p)
+        #: Drain (lifecycle): set at SIGTERM; with ``refuse_new`` new connections
+        #: are refused; once ``drain_expired`` the connections still open are
+        #: cancelled (reset) and reported with outcome ``drained``.
+        self.draining = False
+        self.refuse_new = False
+        self.drain_expired = False
+        self._idle: trio.Event | None = None
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is active (drain: exit on zero connections)."""
+        while self.stats.active:
+            self._idle = trio.Event()
+            await self._idle.wait()
 
     def use_credentials(self, credentials: Credentials) -> None:
         """Serve NEW connections with ``credentials`` (raises, changing nothing, if
@@ -274,11 +310,30 @@ class Sidecar:
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
                     handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    await nursery.start(accept_loop, listener, handler)
+                    await nursery.start(accept_loop, listener, self._gate(kind, handler))
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
                 listener.close()
+
+    def _gate(self, direction: str, handler: Handler) -> Handler:
+        """During a drain with ``refuse_new``: reset new connections, one line each."""
+
+        async def gated(sock: trio.socket.SocketType, src: Address) -> None:
+            if not self.refuse_new:
+                await handler(sock, src)
+                return
+            conn = _Conn(direction, src, ("?", 0), trio.current_time())
+            self.stats.active += 1
+            try:
+                conn.dst = kernel.original_destination(sock)
+            except OSError:
+                pass
+            conn.refusal = "draining: the sidecar is shutting down"
+            _abort_socket(sock)
+            self._report(conn, "refused")
+
+        return gated
 
     # -- handlers --------------------------------------------------------------
 
@@ -295,13 +350,21 @@ class Sidecar:
                 raise Refused(f"{fmt_addr(dst)} is this sidecar's own listener")
             tls_sock = await self.dial(dst)
             sessions = self.sessions  # replaced (not reused) when credentials change
-            leg = await tlspolicy.connect(
-                self.client_context,
-                tls_sock,
-                self.config.identity,
-                dst,
-                handshake_timeout=self.config.timeouts.handshake,
-                sessions=sessions,
+            handshake_start = trio.current_time()
+            self.stats.pending_handshakes += 1
+            try:
+                leg = await tlspolicy.connect(
+                    self.client_context,
+                    tls_sock,
+                    self.config.identity,
+                    dst,
+                    handshake_timeout=self.config.timeouts.handshake,
+                    sessions=sessions,
+                )
+            finally:
+                self.stats.pending_handshakes -= 1
+            self.stats.handshake_done(
+                "egress", bool(leg.resumed), trio.current_time() - handshake_start
             )
             conn.leg = leg
             legs.append(leg.stream)
@@ -345,11 +408,19 @@ class Sidecar:
         try:
             conn.dst = dst = kernel.original_destination(sock)
             raw = None  # tlspolicy.accept owns it from here, then the leg does
-            leg = await tlspolicy.accept(
-                self.server_context,
-                sock,
-                self.config.identity,
-                handshake_timeout=self.config.timeouts.handshake,
+            handshake_start = trio.current_time()
+            self.stats.pending_handshakes += 1
+            try:
+                leg = await tlspolicy.accept(
+                    self.server_context,
+                    sock,
+                    self.config.identity,
+                    handshake_timeout=self.config.timeouts.handshake,
+                )
+            finally:
+                self.stats.pending_handshakes -= 1
+            self.stats.handshake_done(
+                "ingress", bool(leg.resumed), trio.current_time() - handshake_start
             )
             conn.leg = leg
             legs.append(leg.stream)
@@ -391,14 +462,35 @@ class Sidecar:
         if conn.reported:
             return
         conn.reported = True
-        self.stats.active -= 1
+        stats = self.stats
+        stats.active -= 1
+        if not stats.active and self._idle is not None:
+            self._idle.set()
         direction = conn.direction
+        leg = conn.leg
+        peer = "-" if leg is None else leg.peer.description
         if conn.refusal is not None:
             reason = conn.refusal
-            self.stats.connections[(direction, "refused")] += 1
-            self.stats.refusals[(direction, _reason_key(reason))] += 1
+            stats.connections[(direction, "refused")] += 1
+            stats.refusals[(direction, _reason_key(reason))] += 1
             log.warning(
-                "%s %s -> %s refused: %s", direction, fmt_addr(conn.src), fmt_addr(conn.dst), reason
+                "%s %s -> %s refused: %s",
+                direction,
+                fmt_addr(conn.src),
+                fmt_addr(conn.dst),
+                reason,
+                extra={
+                    "conn": {
+                        "direction": direction,
+                        "src": fmt_addr(conn.src),
+                        "dst": fmt_addr(conn.dst),
+                        "outcome": "refused",
+                        "reason": reason,
+                    }
+                },
+            )
+            stats.recent.append(
+                {"direction": direction, "src": conn.src, "dst": conn.dst, "outcome": "refused"}
             )
             return
         result = conn.result
@@ -406,32 +498,59 @@ class Sidecar:
             outcome = "cancelled" if ended == "cancelled" else "error"
             result = RelayResult(outcome=outcome, detail="before the relay started")
             if outcome == "error":
-                self.stats.refusals[("internal", "bug")] += 1
+                stats.refusals[("internal", "bug")] += 1
+        outcome = result.outcome
+        if outcome == "cancelled" and self.drain_expired:
+            outcome = "drained"  # reset at the end of the drain (lifecycle)
         # The relay's a is the app's leg on egress, the peer's on ingress.
         if direction == "egress":
             sent, received = result.a_to_b, result.b_to_a
         else:
             sent, received = result.b_to_a, result.a_to_b
-        self.stats.connections[(direction, result.outcome)] += 1
-        self.stats.bytes[f"{direction}_sent"] += sent
-        self.stats.bytes[f"{direction}_received"] += received
+        duration = trio.current_time() - conn.start
+        stats.connections[(direction, outcome)] += 1
+        stats.bytes[f"{direction}_sent"] += sent
+        stats.bytes[f"{direction}_received"] += received
+        stats.duration_seconds[direction].observe(duration)
+        stats.recent.append(
+            {
+                "direction": direction,
+                "src": conn.src,
+                "dst": conn.dst,
+                "peer": peer,
+                "outcome": outcome,
+            }
+        )
         if conn_log.isEnabledFor(logging.INFO):
-            leg = conn.leg
             resumed = None if leg is None else leg.resumed
+            fields = {
+                "direction": direction,
+                "src": fmt_addr(conn.src),
+                "dst": fmt_addr(conn.dst),
+                "peer": peer,
+                "tls": "-" if leg is None else leg.info,
+                "sent": sent,
+                "received": received,
+                "duration": round(duration, 3),
+                "outcome": outcome,
+                "handshake": "resumed" if resumed else "-" if resumed is None else "full",
+                "detail": result.detail or "",
+            }
             conn_log.info(
                 "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s "
                 "handshake=%s%s",
                 direction,
-                fmt_addr(conn.src),
-                fmt_addr(conn.dst),
-                "-" if leg is None else leg.peer.description,
-                "-" if leg is None else leg.info,
+                fields["src"],
+                fields["dst"],
+                peer,
+                fields["tls"],
                 sent,
                 received,
-                trio.current_time() - conn.start,
-                result.outcome,
-                "resumed" if resumed else "-" if resumed is None else "full",
+                duration,
+                outcome,
+                fields["handshake"],
                 f" ({result.detail})" if result.detail else "",
+                extra={"conn": fields},
             )
 
 
