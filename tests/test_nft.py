@@ -9,7 +9,6 @@ Regenerate the golden files with ``UPDATE_GOLDEN=1`` and review the diff.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import ipaddress
 import os

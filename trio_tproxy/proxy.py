@@ -250,7 +250,11 @@ class Sidecar:
             source = None
         else:
             target = dst
-            keep = ingress.preserve_client_ip and self.kernel_options
+            # A scoped (link-local) client is not kept: the app's reply goes to
+            # a socket bound to eth0, and the fwmark route (local ::/0 dev lo)
+            # does not match that strict output interface; the SYN-ACK would
+            # leave on eth0 instead of looping back (see docs/kernel.md).
+            keep = ingress.preserve_client_ip and self.kernel_options and "%" not in client[0]
             source = client[0] if keep else None
         sock = await self.dial(target, source=source)
         if conn_log.isEnabledFor(logging.INFO):
