@@ -32,6 +32,16 @@ from lab.pods import PodLab, spiffe_id
 pytestmark = pytest.mark.netns
 
 PEER, PODIP, LOCAL, APPTLS = 7100, 7101, 7102, 7103
+HEALTH_HTTP, HEALTH_TCP, HEALTH_GRPC, PROBE_PORT = 7110, 7111, 7112, 15021
+#: B always runs with these: the kubelet probes of its three apps.
+B_FLAGS = (
+    "--app-probe",
+    f"web=http://127.0.0.1:{HEALTH_HTTP}/healthz",
+    "--app-probe",
+    f"db=tcp://127.0.0.1:{HEALTH_TCP}",
+    "--app-probe",
+    f"rpc=grpc://[::1]:{HEALTH_GRPC}",
+)
 FAMILIES = ["ipv4", "ipv6"]
 
 
@@ -61,7 +71,7 @@ def start_bound_app(lab: PodLab, pod: str, port: int, *hosts: str) -> None:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
     with PodLab(tmp_path_factory.mktemp("ingress"), prefix=next_prefix()) as lab:
         lab.start_sidecar("a")
-        lab.start_sidecar("b")
+        lab.start_sidecar("b", *B_FLAGS)
         b = lab.host("b")
         py = sys.executable
         lab.start_app("b", py, "-m", "lab.apps", "peer-server", str(PEER), port=PEER)
@@ -100,7 +110,7 @@ def since(lab: PodLab, pod: str) -> int:
 
 def restart_b(lab: PodLab, *flags: str) -> None:
     assert lab.stop_sidecar("b") == 0
-    lab.start_sidecar("b", *flags)
+    lab.start_sidecar("b", *B_FLAGS, *flags)
 
 
 @pytest.fixture
@@ -307,3 +317,67 @@ def test_strict_refuses_plaintext_and_foreign_tls_with_one_line_each(lab, family
     ]
     assert len(refused) == 2, refused
     assert "plaintext accepted" not in lab.sidecars["b"].log()[offset:]
+
+
+# -- kubelet probes ----------------------------------------------------------------
+
+
+def kubelet(lab: PodLab, host: str, name: str) -> str:
+    """curl from outside (the node's kubelet has no mesh certificate)."""
+    url_host = f"[{host}]" if ":" in host else host
+    out = lab.topology.run(
+        "outside",
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            f"http://{url_host}:{PROBE_PORT}/app-health/{name}",
+        ],
+    )
+    return out.stdout
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kubelet_probes_follow_the_apps_health_and_app_ports_stay_mtls(lab, family, tmp_path):
+    b = addr(lab.host("b"), family)
+    flag = tmp_path / "healthy"
+    flag.touch()
+    py = sys.executable
+    web = lab.start_app(
+        "b", py, "-m", "lab.apps", "health-server", str(HEALTH_HTTP), str(flag), port=HEALTH_HTTP
+    )
+    rpc = lab.start_app(
+        "b", py, "-m", "lab.grpchealth", str(HEALTH_GRPC), str(flag), port=HEALTH_GRPC
+    )
+    db = lab.start_app("b", py, "-m", "lab.apps", "echo-server", str(HEALTH_TCP), port=HEALTH_TCP)
+    try:
+        assert {n: kubelet(lab, b, n) for n in ("web", "db", "rpc")} == {
+            "web": "200",
+            "db": "200",
+            "rpc": "200",
+        }
+        flag.unlink()
+        lab.topology.stop(db)
+        assert {n: kubelet(lab, b, n) for n in ("web", "db", "rpc")} == {
+            "web": "503",
+            "db": "503",
+            "rpc": "503",
+        }
+        assert kubelet(lab, b, "nope") == "404"
+        # The app's own port is still mutual-TLS only for the same client.
+        offset = since(lab, "b")
+        answer, _ = probe(
+            lab.host("outside").netns, b, HEALTH_HTTP, b"GET /healthz HTTP/1.0\r\n\r\n"
+        )
+        assert b"HTTP/1" not in answer
+        wait_for_log(
+            lab, "b", rf"-> {re.escape(fmt(b, HEALTH_HTTP))} refused: TLS handshake", offset
+        )
+    finally:
+        for proc in (web, rpc, db):
+            lab.topology.stop(proc)

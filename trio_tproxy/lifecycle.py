@@ -33,7 +33,7 @@ from types import FrameType
 
 import trio
 
-from . import drift, tlspolicy
+from . import drift, probes, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
@@ -144,6 +144,18 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope, received)
                 await nursery.start(sidecar.serve)
+                if config.interception.probe_port:
+                    await nursery.start(
+                        functools.partial(
+                            probes.serve, config, mark=config.interception.bypass_mark
+                        )
+                    )
+                    log.info(
+                        "probe server (plaintext) on port %d: %s",
+                        config.interception.probe_port,
+                        " ".join(probes.PATH_PREFIX + p.name for p in config.ingress.app_probes)
+                        or "no --app-probe",
+                    )
                 if config.manage_rules:
                     installed = True  # before apply: a failed apply may leave a table
                     await trio.to_thread.run_sync(installer.apply)
