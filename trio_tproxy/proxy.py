@@ -268,12 +268,6 @@ class Sidecar:
             )
         return PlainStream(sock)
 
-    async def dial_app_on_loopback(self, dst: Address, client: Address) -> PlainStream:
-        """The legacy dial (``--inbound-to-loopback``), for tests that inject a dialer."""
-        if dst[1] in self.own_ports:
-            raise Refused(f"port {dst[1]} is the proxy's own listener, not an app port")
-        return PlainStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
-
     def _dials_itself(self, dst: Address) -> bool:
         """Egress to one of our own listener ports on an address of this pod.
 
