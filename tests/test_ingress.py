@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -381,3 +382,29 @@ def test_kubelet_probes_follow_the_apps_health_and_app_ports_stay_mtls(lab, fami
     finally:
         for proc in (web, rpc, db):
             lab.topology.stop(proc)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_permissive_port_only_opens_that_port_and_keeps_half_close_and_reset(lab, b_flags, family):
+    b_flags("--permissive-port", str(PEER))
+    b, out_ip = addr(lab.host("b"), family), addr(lab.host("outside"), family)
+    # half-close on the plaintext path: the app answers after our EOF
+    answer, end = probe(lab.host("outside").netns, b, PEER, b"x" * 100_000)
+    assert end == "eof" and peer_of(answer) == out_ip
+    # the other ports stay strict
+    offset = since(lab, "b")
+    answer, _ = probe(lab.host("outside").netns, b, PODIP, b"hello")
+    assert b"peer" not in answer
+    wait_for_log(lab, "b", rf"-> {re.escape(fmt(b, PODIP))} refused: TLS handshake", offset)
+    # a reset by the client reaches the relay as a reset, not as an end of data
+    offset = since(lab, "b")
+    with socket_in(lab.host("outside").netns, socket.AF_INET6 if ":" in b else socket.AF_INET) as s:
+        s.settimeout(10)
+        s.connect((b, PEER))
+        s.sendall(b"partial request")
+        wait_for_log(lab, "b", r"plaintext accepted \(permissive\)", offset)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    line = wait_for_log(
+        lab, "b", rf"-> {re.escape(fmt(b, PEER))} peer=- permissive-plaintext", offset
+    )
+    assert "outcome=reset" in line, line

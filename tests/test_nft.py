@@ -517,7 +517,7 @@ def test_apply_list_replace_delete(netns: str) -> None:
     assert first.startswith("table inet trio_tproxy {")
     assert "elements = { 22, 15021 }" in first
     assert "tproxy ip to 127.0.0.1:2 accept" in first
-    assert first.count('comment "') == 23 + 3 + 6 + 1  # rules, chains, sets, table
+    assert first.count('comment "') == 27 + 3 + 6 + 1  # rules, chains, sets, table
 
     nft.apply(ic)  # idempotent: the same table, not a second copy of each rule
     assert nft.list_table(ic) == first

@@ -144,18 +144,6 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope, received)
                 await nursery.start(sidecar.serve)
-                if config.interception.probe_port:
-                    await nursery.start(
-                        functools.partial(
-                            probes.serve, config, mark=config.interception.bypass_mark
-                        )
-                    )
-                    log.info(
-                        "probe server (plaintext) on port %d: %s",
-                        config.interception.probe_port,
-                        " ".join(probes.PATH_PREFIX + p.name for p in config.ingress.app_probes)
-                        or "no --app-probe",
-                    )
                 if config.manage_rules:
                     installed = True  # before apply: a failed apply may leave a table
                     await trio.to_thread.run_sync(installer.apply)
@@ -174,6 +162,18 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                 else:
                     checked = await wait_for_rules(installer, config.rules_wait)
                     rules = f"{describe_interception(config)} ({checked})"
+                if config.interception.probe_port:
+                    await nursery.start(
+                        functools.partial(
+                            probes.serve, config, mark=config.interception.bypass_mark
+                        )
+                    )
+                    log.info(
+                        "probe server (plaintext) on port %d: %s",
+                        config.interception.probe_port,
+                        " ".join(probes.PATH_PREFIX + p.name for p in config.ingress.app_probes)
+                        or "no --app-probe",
+                    )
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
                     "trust-domain=%s",
