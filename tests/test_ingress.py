@@ -8,8 +8,18 @@ What the app in pod B experiences, for IPv4 and IPv6:
 * the sidecar dials the address the client dialed: an app bound only to the
   pod IP is reachable, a listener bound only to localhost is not (from A, or
   from outside in permissive mode), unless ``--inbound-to-loopback``;
-* permissive mode lets plaintext and the app's own TLS through untouched,
-  still gives a sidecar mutual TLS, and strict mode refuses both others.
+* permissive mode (or one ``--permissive-port``) lets plaintext and the app's
+  own TLS through untouched (half-close and reset included), still gives a
+  sidecar mutual TLS, and strict mode refuses both others with one line each;
+* a "kubelet" in the outside namespace gets 200/503 from the probe port as
+  the HTTP, TCP and gRPC apps' health flips, while the app port stays mTLS.
+
+Mutations each test was seen to catch (once, by hand): no client-address
+source, either ct-mark rule or the fwmark 13 ip rules missing, the dial to
+loopback, --inbound-to-loopback or --preserve-client-ip=false ignored, the
+scope dropped, every ClientHello taken for a sidecar, the client not offering
+ALPN, permissive mode or --permissive-port ignored, strict treated as
+permissive, the probe-port exemption missing, gRPC NOT_SERVING taken as healthy.
 
 Proof is always in B's sidecar log (its connection lines) and in what the app
 itself answered (the peer address it saw), not only in whether bytes arrived.
