@@ -317,12 +317,19 @@ class Pods:
         try:
             with trio.fail_after(10):
                 await client.connect((dst, self.PORT))
-                server, _ = await listener.accept()
+                server, peer = await listener.accept()
         except BaseException:
             client.close()
             raise
         finally:
             listener.close()
+        # B's sidecar keeps the client address (the default): app B sees app A's.
+        a = self.lab.host("a")
+        seen = str(peer[0]).removeprefix("::ffff:")
+        if seen != (a.ip4 if self.family == socket.AF_INET else a.ip6):
+            client.close()
+            server.close()
+            raise AssertionError(f"app B saw the connection from {seen}, not from pod A")
         client_stream, server_stream = trio.SocketStream(client), trio.SocketStream(server)
         try:
             yield client_stream, server_stream

@@ -135,10 +135,12 @@ def test_rules_show_prints_the_table_and_the_routes():
     )
     assert out.stdout == Installer(interception_from(args)).show()
     assert "table inet trio_tproxy {" in out.stdout
-    assert out.stdout.splitlines()[-5:] == [
+    assert out.stdout.splitlines()[-7:] == [
         "ip link set lo up",
         "ip rule add fwmark 10 iif lo lookup 77",
         "ip -6 rule add fwmark 10 iif lo lookup 77",
+        "ip rule add fwmark 13 iif lo lookup 77",
+        "ip -6 rule add fwmark 13 iif lo lookup 77",
         "ip route add local 0.0.0.0/0 dev lo table 77",
         "ip -6 route add local ::/0 dev lo table 77",
     ]

@@ -51,6 +51,9 @@ ROUTE4 = "ip route local 0.0.0.0/0 dev lo table 10"
 ROUTE6 = "ip -6 route local ::/0 dev lo table 10"
 RULE4 = "ip rule fwmark 10 iif lo lookup 10"
 RULE6 = "ip -6 rule fwmark 10 iif lo lookup 10"
+#: The rules that route replies to a preserved client address back to the sidecar.
+KEEP4 = "ip rule fwmark 13 iif lo lookup 10"
+KEEP6 = "ip -6 rule fwmark 13 iif lo lookup 10"
 #: Seconds to wait for something that must happen / to confirm something did not.
 TIMEOUT = 3.0
 NOTHING = 0.3
@@ -223,18 +226,22 @@ def test_original_destination_strips_scope() -> None:
 
 
 @pytest.mark.netns
-def test_install_is_idempotent_and_creates_the_four_objects(netns: str) -> None:
+def test_install_is_idempotent_and_creates_the_rules_and_routes(netns: str) -> None:
     routes = PolicyRoutes(Interception(), netns)
     assert not lo_is_up(netns)  # a fresh namespace: install must set it up
-    assert routes.missing() == [LO_UP, RULE4, RULE6, ROUTE4, ROUTE6]
+    assert routes.missing() == [LO_UP, RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
 
     routes.install()
     routes.install()
 
     assert lo_is_up(netns)
-    # The kernel picked the priority; exactly one rule per family all the same.
-    assert our_rules(netns) == ["32765:\tfrom all fwmark 0xa iif lo lookup 10"]
-    assert our_rules(netns, six=True) == ["32765:\tfrom all fwmark 0xa iif lo lookup 10"]
+    # The kernel picked the priorities; exactly one rule per mark and family.
+    ours = [
+        "32764:\tfrom all fwmark 0xd iif lo lookup 10",
+        "32765:\tfrom all fwmark 0xa iif lo lookup 10",
+    ]
+    assert our_rules(netns) == ours
+    assert our_rules(netns, six=True) == ours
     assert table_routes(netns) == ["local default dev lo proto static scope host"]
     assert table_routes(netns, six=True) == [
         "local default dev lo proto static metric 1024 pref medium"
@@ -248,8 +255,12 @@ def test_install_with_priority_mark_and_table(netns: str) -> None:
     routes = PolicyRoutes(ic, netns)
     routes.install()
     routes.install()  # EEXIST from the kernel, tolerated
-    assert our_rules(netns) == ["100:\tfrom all fwmark 0x539 iif lo lookup 100"]
-    assert our_rules(netns, six=True) == ["100:\tfrom all fwmark 0x539 iif lo lookup 100"]
+    ours = [
+        "100:\tfrom all fwmark 0x539 iif lo lookup 100",
+        "100:\tfrom all fwmark 0xd iif lo lookup 100",
+    ]
+    assert sorted(our_rules(netns)) == ours
+    assert sorted(our_rules(netns, six=True)) == ours
     assert len(table_routes(netns, 100)) == 1
     assert len(table_routes(netns, 100, six=True)) == 1
     assert table_routes(netns, 10) == []
@@ -296,7 +307,7 @@ def test_repair_restores_deleted_rules(netns: str) -> None:
     ip("-n", netns, "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "10")
     assert routes.missing() == [RULE4, ROUTE4]
     assert routes.repair() == [RULE4, ROUTE4]
-    assert len(our_rules(netns)) == 1
+    assert len(our_rules(netns)) == 2  # fwmark 10 and 13
     assert len(table_routes(netns)) == 1
 
 
@@ -317,7 +328,7 @@ def test_remove_deletes_exactly_what_install_added(netns: str) -> None:
 
     assert (our_rules(netns), our_rules(netns, six=True), table_routes(netns)) == foreign
     assert table_routes(netns, six=True) == []
-    assert routes.missing() == [RULE4, RULE6, ROUTE4, ROUTE6]
+    assert routes.missing() == [RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
     assert lo_is_up(netns)  # lo is not ours to take down
 
 
@@ -612,7 +623,7 @@ def test_installer_apply_verify_repair_remove(netns: str) -> None:
     ic = Interception()
     installer = Installer(ic, netns)
     absent = "nft table inet trio_tproxy absent"
-    assert installer.verify() == [absent, LO_UP, RULE4, RULE6, ROUTE4, ROUTE6]
+    assert installer.verify() == [absent, LO_UP, RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
 
     installer.apply()
     installer.apply()  # idempotent
@@ -862,7 +873,8 @@ def test_no_rules_fails_with_one_line_when_nobody_installs_them(
     lines = run.text().strip().splitlines()
     assert lines == [
         "trio-tproxy run: error: --no-rules: interception is not in place after 0.5s: "
-        f"nft table inet trio_tproxy absent; {RULE4}; {RULE6}; {ROUTE4}; {ROUTE6}"
+        f"nft table inet trio_tproxy absent; {RULE4}; {RULE6}; {KEEP4}; {KEEP6}; {ROUTE4}; "
+        f"{ROUTE6}"
     ]
     assert not list(run.marks.glob("apply.*"))  # it never installed anything
 

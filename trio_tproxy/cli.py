@@ -27,11 +27,13 @@ from . import __version__
 from .config import (
     ConfigError,
     IdentityPolicy,
+    Ingress,
     Interception,
     ProxyConfig,
     Timeouts,
     TLSFiles,
     check_port,
+    parse_app_probe,
     parse_cidr,
     parse_int,
     parse_mark,
@@ -175,6 +177,22 @@ def add_interception_flags(parser: argparse.ArgumentParser) -> None:
         help=f"SO_MARK of the proxy's own sockets (default {d('bypass_mark')})",
     )
     g.add_argument(
+        "--preserve-mark",
+        dest="preserve_mark",
+        type=_typed(parse_mark),
+        default=UNSET,
+        help="SO_MARK of the ingress dial that keeps the client's address; its conntrack "
+        f"mark routes the app's replies back to the proxy (default {d('preserve_mark')})",
+    )
+    g.add_argument(
+        "--probe-port",
+        dest="probe_port",
+        type=_typed(parse_int),
+        default=UNSET,
+        help="plaintext port of the kubelet probe server, never intercepted; 0: none "
+        f"(default {d('probe_port')})",
+    )
+    g.add_argument(
         "--route-table",
         dest="route_table",
         type=_typed(parse_int),
@@ -201,6 +219,8 @@ def interception_from(args: argparse.Namespace) -> Interception:
         "tls_port",
         "recirculate_mark",
         "bypass_mark",
+        "preserve_mark",
+        "probe_port",
         "route_table",
         "intercept_cidrs",
         "exclude_cidrs",
@@ -324,6 +344,62 @@ def add_run_flags(parser: _Parser) -> None:
         help="how long one direction may stay open after the other ended (default "
         f"{_shown(Timeouts, 'half_close')})",
     )
+    i = parser.add_argument_group("ingress (what the app sees, who reaches it)")
+    i.add_argument(
+        "--preserve-client-ip",
+        dest="preserve_client_ip",
+        type=_typed(_parse_bool),
+        default=UNSET,
+        metavar="true|false",
+        help="dial the app from the client's own IP address, so the app sees who called "
+        f"(default {_shown(Ingress, 'preserve_client_ip')})",
+    )
+    i.add_argument(
+        "--inbound-to-loopback",
+        dest="inbound_to_loopback",
+        action="store_true",
+        default=UNSET,
+        help="legacy: dial the app at 127.0.0.1/::1 instead of the address the client "
+        "dialed. RISK: every listener bound only to localhost (admin and debug ports) "
+        "becomes reachable from the whole mesh",
+    )
+    i.add_argument(
+        "--inbound-mode",
+        dest="inbound_mode",
+        choices=("strict", "permissive"),
+        default=UNSET,
+        help="strict: only mutual TLS from a sidecar; permissive: anything else (plaintext, "
+        f"the app's own TLS) reaches the app as is (default {_shown(Ingress, 'inbound_mode')})",
+    )
+    i.add_argument(
+        "--permissive-port",
+        dest="permissive_ports",
+        action="append",
+        type=_typed(parse_port),
+        default=UNSET,
+        metavar="PORT",
+        help="an app port that is permissive even in strict mode (repeatable)",
+    )
+    i.add_argument(
+        "--app-probe",
+        dest="app_probes",
+        action="append",
+        type=_typed(parse_app_probe),
+        default=UNSET,
+        metavar="NAME=URL",
+        help="serve GET /app-health/NAME on the probe port by probing URL: "
+        "http://127.0.0.1:8080/healthz, tcp://127.0.0.1:5432 or grpc://127.0.0.1:9090[/service] "
+        "(repeatable)",
+    )
+    i.add_argument(
+        "--probe-timeout",
+        dest="probe_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="how long a probe waits for the app when the request gives no timeout "
+        f"(default {_shown(Ingress, 'probe_timeout')})",
+    )
     o = parser.add_argument_group("operation")
     o.add_argument(
         "-v",
@@ -418,6 +494,7 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
         identity=IdentityPolicy(**identity),
         interception=interception_from(args),
         timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close")),
+        ingress=_ingress_from(args),
         **_given(
             args,
             "verbosity",
@@ -434,6 +511,32 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
         ),
         admin_port=admin_port_from(args),
     )
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"invalid boolean {text!r}: true or false")
+
+
+def _ingress_from(args: argparse.Namespace) -> Ingress:
+    given = _given(
+        args,
+        "preserve_client_ip",
+        "inbound_to_loopback",
+        "inbound_mode",
+        "permissive_ports",
+        "app_probes",
+        "probe_timeout",
+    )
+    if "permissive_ports" in given:
+        given["permissive_ports"] = tuple(sorted(set(given["permissive_ports"])))
+    if "app_probes" in given:
+        given["app_probes"] = tuple(given["app_probes"])
+    return Ingress(**given)
 
 
 def check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -212,6 +212,13 @@ class Interception:
     recirculate_mark: int = 10
     #: The proxy's own sockets carry this so they are never intercepted.
     bypass_mark: int = 12
+    #: SO_MARK of the ingress dial that keeps the client's address (IP_TRANSPARENT,
+    #: bound to the client IP): conntrack remembers it so that the app's replies,
+    #: addressed to the client, are routed back to the sidecar through ``lo``.
+    preserve_mark: int = 13
+    #: Plaintext probe server for the kubelet (``/app-health/NAME``); its inbound
+    #: TCP is never intercepted. 0: no probe port.
+    probe_port: int = 15021
     #: Policy-routing table holding the ``local`` default routes.
     route_table: int = 10
     #: Priority of the ``ip rule`` (0 lets the kernel choose, like ``ip rule add``).
@@ -234,10 +241,22 @@ class Interception:
             raise ConfigError(f"--tcp-port and --tls-port are both {self.tcp_port}")
         check_mark(self.recirculate_mark, "--recirculate-mark")
         check_mark(self.bypass_mark, "--bypass-mark")
-        if self.recirculate_mark == self.bypass_mark:
-            raise ConfigError(
-                f"--recirculate-mark and --bypass-mark are both {self.bypass_mark}: they must differ"
-            )
+        check_mark(self.preserve_mark, "--preserve-mark")
+        marks = {
+            "--recirculate-mark": self.recirculate_mark,
+            "--bypass-mark": self.bypass_mark,
+            "--preserve-mark": self.preserve_mark,
+        }
+        for i, (flag, value) in enumerate(marks.items()):
+            for other, value2 in list(marks.items())[i + 1 :]:
+                if value == value2:
+                    raise ConfigError(f"{flag} and {other} are both {value}: they must differ")
+        if self.probe_port:
+            check_port(self.probe_port, "--probe-port")
+            if self.probe_port in (self.tcp_port, self.tls_port):
+                raise ConfigError(
+                    f"--probe-port {self.probe_port} is also a listener port of the proxy"
+                )
         table = self.route_table
         if (
             isinstance(table, bool)
@@ -272,6 +291,96 @@ class Interception:
         return tuple(n for n in self.exclude_cidrs if isinstance(n, ipaddress.IPv6Network))
 
 
+#: Schemes of ``--app-probe`` targets.
+PROBE_SCHEMES = ("http", "tcp", "grpc")
+
+
+@dataclass(frozen=True)
+class AppProbe:
+    """``NAME=SCHEME://HOST:PORT[/PATH]``: how the probe server checks one app health."""
+
+    name: str
+    scheme: Literal["http", "tcp", "grpc"]
+    host: str
+    port: int
+    #: HTTP: the path (with query); gRPC: the service name ("" = the server as a whole).
+    path: str = "/"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
+            raise ConfigError(
+                f"invalid --app-probe name {self.name!r}: letters, digits, '_', '.', '-'"
+            )
+        if self.scheme not in PROBE_SCHEMES:
+            raise ConfigError(
+                f"invalid --app-probe scheme {self.scheme!r}: one of {', '.join(PROBE_SCHEMES)}"
+            )
+        check_port(self.port, "--app-probe")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(
+                f"invalid --app-probe host {self.host!r}: an IP address (the app on loopback)"
+            ) from None
+
+
+def parse_app_probe(text: str) -> AppProbe:
+    """``NAME=http://127.0.0.1:8080/healthz``, ``NAME=tcp://127.0.0.1:5432``,
+    ``NAME=grpc://127.0.0.1:9090[/service]``."""
+    from urllib.parse import urlsplit
+
+    name, sep, url = text.partition("=")
+    if not sep:
+        raise ConfigError(f"invalid --app-probe {text!r}: expected NAME=SCHEME://HOST:PORT[/PATH]")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid --app-probe {text!r}: {exc}") from None
+    if not parts.hostname or port is None:
+        raise ConfigError(f"invalid --app-probe {text!r}: needs HOST:PORT")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    if parts.scheme == "grpc":
+        path = parts.path.lstrip("/")
+    return AppProbe(name, parts.scheme, parts.hostname, port, path)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """What the app sees of inbound connections, and who may reach it in plaintext."""
+
+    #: Dial the app from the client's own address (IP_TRANSPARENT + preserve mark).
+    preserve_client_ip: bool = True
+    #: Legacy: dial the app at 127.0.0.1/::1 (exposes localhost-only listeners to the mesh).
+    inbound_to_loopback: bool = False
+    #: strict: only mutual TLS from a sidecar; permissive: anything else goes to the app as is.
+    inbound_mode: Literal["strict", "permissive"] = "strict"
+    #: Ports that are permissive whatever ``inbound_mode`` says.
+    permissive_ports: tuple[int, ...] = ()
+    #: Probe targets served on ``Interception.probe_port``.
+    app_probes: tuple[AppProbe, ...] = ()
+    #: Seconds a probe waits for the app when the kubelet does not say.
+    probe_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.inbound_mode not in ("strict", "permissive"):
+            raise ConfigError(
+                f"invalid --inbound-mode {self.inbound_mode!r}: must be strict or permissive"
+            )
+        for port in self.permissive_ports:
+            check_port(port, "--permissive-port")
+        names = [p.name for p in self.app_probes]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"--app-probe {name!r} is given twice")
+        check_positive(self.probe_timeout, "--probe-timeout")
+
+    def permissive(self, port: int) -> bool:
+        return self.inbound_mode == "permissive" or port in self.permissive_ports
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything ``trio-tproxy run`` needs, validated."""
@@ -280,6 +389,7 @@ class ProxyConfig:
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     interception: Interception = field(default_factory=Interception)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    ingress: Ingress = field(default_factory=Ingress)
     verbosity: int = 0
     #: Install nftables rules and routes (False: an init container did it).
     manage_rules: bool = True

@@ -74,7 +74,7 @@ from types import FrameType
 
 import trio
 
-from . import admin, drift, metrics, reload, tlspolicy
+from . import admin, drift, metrics, probes, reload, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
@@ -309,6 +309,18 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                     # Without CAP_NET_ADMIN the table cannot be read: routes only.
                     no_cap = "no CAP_NET_ADMIN" in checked
                     health.verify = installer.routes.missing if no_cap else installer.verify
+                if config.interception.probe_port:
+                    await nursery.start(
+                        functools.partial(
+                            probes.serve, config, mark=config.interception.bypass_mark
+                        )
+                    )
+                    log.info(
+                        "probe server (plaintext) on port %d: %s",
+                        config.interception.probe_port,
+                        " ".join(probes.PATH_PREFIX + p.name for p in config.ingress.app_probes)
+                        or "no --app-probe",
+                    )
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
                     "trust-domain=%s",

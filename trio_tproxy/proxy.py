@@ -6,7 +6,12 @@
   mutual TLS, verify the server's identity, then relay.
 * **ingress** (TLS listener, ``--tls-port``): a peer sidecar's connection to
   this pod.  We complete the handshake, verify the client's identity, dial the
-  app on the original port, then relay.
+  app at the original destination (the address and port the client dialed,
+  never loopback unless ``--inbound-to-loopback``), from the client's own IP
+  address (``--preserve-client-ip``, see :meth:`Sidecar.dial_app`), then relay.
+  In permissive mode (``--inbound-mode permissive``, ``--permissive-port``) we
+  first peek at the connection's first bytes: only a ClientHello offering our
+  ALPN is TLS for us; anything else goes to the app as it is (plaintext relay).
 
 Ownership of the sockets: the handler owns every leg until it hands both to
 :func:`~trio_tproxy.relay.relay`, which from then on is their only owner
@@ -36,7 +41,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import kernel, tlspolicy
+from . import kernel, peek, tlspolicy
+from .clienthello import SIDECAR
 from .config import ProxyConfig
 from .credentials import Credentials
 from .metrics import DURATION_BUCKETS, HANDSHAKE_BUCKETS, Histogram
@@ -104,6 +110,9 @@ class Stats:
         if hist is None:
             hist = self.handshake_seconds[key] = Histogram(HANDSHAKE_BUCKETS)
         hist.observe(seconds)
+
+    #: Inbound connections a permissive port passed to the app without TLS.
+    plaintext_accepted: int = 0
 
 
 class Refused(Exception):
@@ -173,6 +182,8 @@ class _Conn:
     result: RelayResult | None = None
     refusal: str | None = None
     reported: bool = False
+    #: Permissive ingress without TLS: what the first bytes were ("plaintext", "tls").
+    plaintext: str | None = None
 
 
 class Sidecar:
@@ -196,7 +207,7 @@ class Sidecar:
         self.kernel_options = kernel_options
         self.use_credentials(credentials)
         self.egress_destination = egress_destination or kernel.original_destination
-        self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
+        self.ingress_dialer = ingress_dialer or self.dial_app
         self.stats = Stats()
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
@@ -237,12 +248,24 @@ class Sidecar:
 
     # -- sockets we dial -------------------------------------------------------
 
-    async def dial(self, addr: Address) -> trio.socket.SocketType:
-        """Connect to ``addr`` with the bypass mark, within the connect timeout."""
+    async def dial(self, addr: Address, *, source: str | None = None) -> trio.socket.SocketType:
+        """Connect to ``addr`` with the bypass mark, within the connect timeout.
+
+        ``source``: a foreign address to connect from (the ingress client's):
+        IP_TRANSPARENT lets us bind it, the preserve mark (instead of the bypass
+        mark) makes conntrack route the app's replies back to us through ``lo``.
+        Port 0: the client's own port would duplicate the 4-tuple of the
+        TPROXY'd socket we accepted (connect "succeeds", then ECONNRESET).
+        """
         sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
         try:
-            if self.kernel_options:
-                kernel.set_mark(sock, self.config.interception.bypass_mark)
+            ic = self.config.interception
+            if source is not None:
+                kernel.set_transparent(sock)
+                kernel.set_mark(sock, ic.preserve_mark)
+                await sock.bind((source, 0))
+            elif self.kernel_options:
+                kernel.set_mark(sock, ic.bypass_mark)
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
             with trio.fail_after(self.config.timeouts.connect):
                 await sock.connect(addr)
@@ -260,12 +283,41 @@ class Sidecar:
             raise
         return sock
 
-    async def dial_app_on_loopback(self, dst: Address, client: Address) -> PlainStream:
-        """Reach the app on the original port at the loopback of the same family."""
+    async def dial_app(self, dst: Address, client: Address) -> PlainStream:
+        """Reach the app at the original destination (``dst``, the address the
+        client dialed), from the client's address when preservation is on.
+
+        Never 127.0.0.1 unless ``--inbound-to-loopback``: a listener bound only
+        to localhost (an admin or debug port) must not be reachable from the
+        mesh; an app bound only to the pod IP must be.  Link-local IPv6
+        addresses carry their scope (``fe80::1%eth0``) from the accepted socket.
+        """
         if dst[1] in self.own_ports:
             # Dialing our own listener would loop the connection back into us.
             raise Refused(f"port {dst[1]} is the proxy's own listener, not an app port")
-        return PlainStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
+        ingress = self.config.ingress
+        if ingress.inbound_to_loopback:
+            target: Address = (_LOOPBACK[_family(dst[0])], dst[1])
+            source = None
+        else:
+            target = dst
+            # A scoped (link-local) client is not kept: the app's reply goes to
+            # a socket bound to eth0, and the fwmark route (local ::/0 dev lo)
+            # does not match that strict output interface; the SYN-ACK would
+            # leave on eth0 instead of looping back (see docs/kernel.md).
+            keep = ingress.preserve_client_ip and self.kernel_options and "%" not in client[0]
+            source = client[0] if keep else None
+        sock = await self.dial(target, source=source)
+        if conn_log.isEnabledFor(logging.INFO):
+            # The client's port cannot be kept: this line pairs it with ours.
+            conn_log.info(
+                "ingress %s <-> app leg %s -> %s%s",
+                fmt_addr(client),
+                fmt_addr(_address(sock.getsockname())),
+                fmt_addr(target),
+                " (client address kept)" if source is not None else "",
+            )
+        return PlainStream(sock)
 
     def _dials_itself(self, dst: Address) -> bool:
         """Egress to one of our own listener ports on an address of this pod.
@@ -406,7 +458,18 @@ class Sidecar:
         self.stats.active += 1
         ended = "error"
         try:
-            conn.dst = dst = kernel.original_destination(sock)
+            conn.src, conn.dst = src, dst = kernel.ingress_addresses(sock, src)
+            if self.config.ingress.permissive(dst[1]):
+                kind = await peek.first_bytes_kind(
+                    sock, tlspolicy.ALPN, self.config.timeouts.handshake
+                )
+                if kind is not SIDECAR:
+                    raw = None
+                    peer = PlainStream(sock)
+                    legs.append(peer)
+                    await self._relay_plaintext(conn, peer, kind.value, dst, src, legs)
+                    ended = "relayed"
+                    return
             raw = None  # tlspolicy.accept owns it from here, then the leg does
             handshake_start = trio.current_time()
             self.stats.pending_handshakes += 1
@@ -435,7 +498,7 @@ class Sidecar:
                 result=conn.result,
             )
             ended = "relayed"
-        except Refused as exc:
+        except (Refused, peek.PeekFailed) as exc:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
             conn.refusal, ended = str(exc), "refused"
@@ -454,6 +517,33 @@ class Sidecar:
                 _abort_socket(raw)
             await _abort_all(legs)
             self._report(conn, ended)
+
+    async def _relay_plaintext(
+        self,
+        conn: _Conn,
+        peer: PlainStream,
+        kind: str,
+        dst: Address,
+        src: Address,
+        legs: list[Stream],
+    ) -> None:
+        """Permissive: the client is not a sidecar; the app gets its bytes as they are."""
+        self.stats.plaintext_accepted += 1
+        conn.plaintext = kind
+        if conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "ingress %s -> %s plaintext accepted (permissive): %s",
+                fmt_addr(src),
+                fmt_addr(dst),
+                "TLS without our ALPN" if kind == "tls" else "not TLS",
+            )
+        app = await self.ingress_dialer(dst, src)
+        legs.append(app)
+        conn.result = RelayResult()
+        legs.clear()  # from here on the relay owns and closes both legs
+        await relay(
+            peer, app, half_close_timeout=self.config.timeouts.half_close, result=conn.result
+        )
 
     # -- outcomes --------------------------------------------------------------
 
@@ -528,17 +618,20 @@ class Sidecar:
                 "src": fmt_addr(conn.src),
                 "dst": fmt_addr(conn.dst),
                 "peer": peer,
-                "tls": "-" if leg is None else leg.info,
+                "tls": ("-" if leg is None else leg.info)
+                if conn.plaintext is None
+                else f"permissive-{conn.plaintext}",
                 "sent": sent,
                 "received": received,
                 "duration": round(duration, 3),
                 "outcome": outcome,
                 "handshake": "resumed" if resumed else "-" if resumed is None else "full",
+                "alpn": "-" if leg is None or not leg.alpn else tlspolicy.ALPN.decode(),
                 "detail": result.detail or "",
             }
             conn_log.info(
                 "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s "
-                "handshake=%s%s",
+                "handshake=%s alpn=%s%s",
                 direction,
                 fields["src"],
                 fields["dst"],
@@ -549,6 +642,7 @@ class Sidecar:
                 duration,
                 outcome,
                 fields["handshake"],
+                fields["alpn"],
                 f" ({result.detail})" if result.detail else "",
                 extra={"conn": fields},
             )
