@@ -334,6 +334,10 @@ def _sidecar(
     else:
         files = [f"--credential-bundle={MOUNT}/{BUNDLE_FILE}", f"--ca-cert={MOUNT}/{TRUST_FILE}"]
     args = ["run", *files, f"--trust-domain={config.trust_domain}"]
+    # A pod keeps its (fail-closed) rules when the sidecar stops: refused, never
+    # plaintext, until it is back.  As a native sidecar it is stopped after the
+    # app containers have exited, so new connections during its drain are refused.
+    args += ["--on-exit=keep", "--drain-new=refuse"]
     args += [f"--exclude-inbound-port={p}" for p in excluded_inbound]
     args += [f"--exclude-outbound-port={p}" for p in opts["exclude_outbound_ports"]]
     args += [f"--exclude-cidr={c}" for c in opts["exclude_cidrs"]]
