@@ -21,14 +21,20 @@ is one ``trio_tproxy.conn`` line, and ``Stats.connections`` counts both by
 (``getpeername`` fails once the peer has reset).
 
 The accept loop sleeps on capacity errors (EMFILE, ENFILE, ENOBUFS, ENOMEM),
-logs one warning per burst, and lets every other error propagate.
+logs one warning per burst, and lets every other error propagate.  It also
+admits or refuses each connection against the limits (:mod:`.limits`)
+before any task or TLS object exists for it: a refusal there is an RST, one
+rate-limited warning line per kind, and a count in ``Stats.refusals``
+(and ``Stats.connections``), not a line per connection.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
+import math
 import socket as _stdsocket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import kernel, tlspolicy
+from . import expiry, kernel, limits, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials
 from .plainstream import PlainStream
@@ -55,6 +61,8 @@ IngressDialer = Callable[[Address, Address], Awaitable[Stream]]
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
 #: Handles one accepted socket and the address accept() gave.
 Handler = Callable[[trio.socket.SocketType, Address], Awaitable[None]]
+#: Decides, in the accept loop, whether a connection from this address is taken.
+Admit = Callable[[Address], bool]
 
 _LOOPBACK: dict[int, str] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
 #: accept() failures that mean "out of a resource for now": wait, do not die.
@@ -113,9 +121,12 @@ async def accept_loop(
     listener: trio.socket.SocketType,
     handler: Handler,
     *,
+    admit: Admit | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept forever, one task per connection (in this loop's nursery)."""
+    """Accept forever, one task per admitted connection (in this loop's nursery).
+
+    A connection ``admit`` refuses is reset at once, unread."""
     warned_at: float | None = None
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -135,7 +146,11 @@ async def accept_loop(
                     )
                 await trio.sleep(CAPACITY_PAUSE)
                 continue
-            nursery.start_soon(handler, sock, (str(addr[0]), int(addr[1])))
+            src = (str(addr[0]), int(addr[1]))
+            if admit is not None and not admit(src):
+                _abort_socket(sock)
+                continue
+            nursery.start_soon(handler, sock, src)
 
 
 @dataclass
@@ -169,6 +184,8 @@ class Sidecar:
         """``ports``: (egress, ingress) to bind instead of the configured ones; 0 lets
         the kernel choose (tests): ``serve`` reports what was bound."""
         self.config = config
+        #: Ours; whoever reloads them replaces this (the expiry warning reads it).
+        self.credentials = credentials
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
         groups = config.tls_groups
@@ -177,6 +194,9 @@ class Sidecar:
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
         self.stats = Stats()
+        self.admission = limits.Admission(config.limits)
+        self._throttle = limits.Throttle()
+        self._trimmed_at = -math.inf
         self.sessions = SessionCache(config.session_cache)
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
@@ -240,6 +260,8 @@ class Sidecar:
         """
         ic = self.config.interception
         mark = ic.bypass_mark if self.kernel_options else None
+        if self.kernel_options:
+            limits.raise_fd_limit()
         listeners: list[tuple[str, trio.socket.SocketType]] = []
         tcp_port, tls_port = self.ports
         try:
@@ -259,12 +281,64 @@ class Sidecar:
             )
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
-                    handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    await nursery.start(accept_loop, listener, handler)
+                    if kind == "egress":
+                        handler, admit = self.handle_egress, self._admit_egress
+                    else:
+                        handler, admit = self.handle_ingress, self._admit_ingress
+                    await nursery.start(
+                        functools.partial(accept_loop, admit=admit), listener, handler
+                    )
+                nursery.start_soon(expiry.watch, lambda: self.credentials)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
                 listener.close()
+
+    # -- admission -------------------------------------------------------------
+
+    def _admit_egress(self, src: Address) -> bool:
+        return self._admit("egress", src, pending=False)
+
+    def _admit_ingress(self, src: Address) -> bool:
+        return self._admit("ingress", src, pending=True)
+
+    def _admit(self, direction: str, src: Address, *, pending: bool) -> bool:
+        kind = self.admission.admit(src[0], pending=pending)
+        if kind is None:
+            self.stats.active += 1
+            return True
+        self.stats.connections[(direction, "refused")] += 1
+        self.stats.refusals[(direction, kind)] += 1
+        quiet = self._throttle.due(f"{direction} {kind}", trio.current_time())
+        if quiet is not None:
+            lim = self.config.limits
+            held = {
+                limits.MAX_CONNECTIONS: f"{self.admission.active} connections held",
+                limits.MAX_PENDING: f"{self.admission.pending} handshakes pending",
+                limits.MAX_PENDING_PER_SOURCE: f"{self.admission.pending_by_source[src[0]]} "
+                f"handshakes pending from {src[0]}",
+            }[kind]
+            value = getattr(lim, kind.replace("-", "_"))
+            log.warning(
+                "%s %s refused at accept: %s (--%s %d)%s",
+                direction,
+                fmt_addr(src),
+                held,
+                kind,
+                value,
+                f"; {quiet} more refused for this since the last such line" if quiet else "",
+            )
+        return False
+
+    def _handshake_over(self, src: Address) -> None:
+        """An admitted inbound connection is no longer pending (authenticated or not)."""
+        if self.admission.authenticated(src[0]):
+            # A burst of unauthenticated connections has just ended: glibc keeps
+            # the freed heap (~55 KB each) unless asked to give it back.
+            now = trio.current_time()
+            if now - self._trimmed_at >= limits.TRIM_EVERY:
+                self._trimmed_at = now
+                limits.trim_memory()
 
     # -- handlers --------------------------------------------------------------
 
@@ -273,7 +347,6 @@ class Sidecar:
         app = PlainStream(sock)
         #: Legs this handler still owns (the relay takes both).
         legs: list[Stream] = [app]
-        self.stats.active += 1
         ended = "error"
         try:
             conn.dst = dst = self.egress_destination(sock)
@@ -296,6 +369,7 @@ class Sidecar:
                 app,
                 leg.stream,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             if conn.result.outcome == "ok":
@@ -325,17 +399,21 @@ class Sidecar:
         conn = _Conn("ingress", src, ("?", 0), trio.current_time())
         raw: trio.socket.SocketType | None = sock
         legs: list[Stream] = []
-        self.stats.active += 1
         ended = "error"
+        pending = True
         try:
             conn.dst = dst = kernel.original_destination(sock)
             raw = None  # tlspolicy.accept owns it from here, then the leg does
-            leg = await tlspolicy.accept(
-                self.server_context,
-                sock,
-                self.config.identity,
-                handshake_timeout=self.config.timeouts.handshake,
-            )
+            try:
+                leg = await tlspolicy.accept(
+                    self.server_context,
+                    sock,
+                    self.config.identity,
+                    handshake_timeout=self.config.timeouts.handshake,
+                )
+            finally:
+                pending = False
+                self._handshake_over(src)
             conn.leg = leg
             legs.append(leg.stream)
             app = await self.ingress_dialer(dst, src)
@@ -346,6 +424,7 @@ class Sidecar:
                 leg.stream,
                 app,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             ended = "relayed"
@@ -364,6 +443,8 @@ class Sidecar:
         except Exception:
             log.exception("internal error in ingress handler; connection aborted")
         finally:
+            if pending:
+                self._handshake_over(src)
             if raw is not None:
                 _abort_socket(raw)
             await _abort_all(legs)
@@ -377,6 +458,7 @@ class Sidecar:
             return
         conn.reported = True
         self.stats.active -= 1
+        self.admission.closed()
         direction = conn.direction
         if conn.refusal is not None:
             reason = conn.refusal
