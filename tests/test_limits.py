@@ -10,13 +10,12 @@ import resource
 import pytest
 import trio
 import trio.testing
+from test_proxy import connect, echo_app, egress_port, ingress_port, pods, wait_for
 
 from lab.chain import expect_reset
 from lab.pki import make_pki
 from trio_tproxy import expiry, limits
 from trio_tproxy.config import ConfigError, Limits, Timeouts
-
-from test_proxy import connect, echo_app, egress_port, ingress_port, pods, wait_for
 
 
 def test_admission_counts_and_refuses_by_kind():
@@ -166,7 +165,9 @@ def test_pending_per_source_refuses_the_flooder_not_others(pki, caplog):
                     await s.connect(("127.0.0.1", ingress_port(b)))
                 except ConnectionResetError:
                     pass  # refused so fast that connect() saw the reset
-            await wait_for(lambda: b.stats.refusals[("ingress", limits.MAX_PENDING_PER_SOURCE)] == 15)
+            await wait_for(
+                lambda: b.stats.refusals[("ingress", limits.MAX_PENDING_PER_SOURCE)] == 15
+            )
             assert b.admission.pending_by_source["127.0.0.2"] == 5
             c = await connect(egress_port(a))
             await c.send_all(b"legit")

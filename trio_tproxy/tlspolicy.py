@@ -184,9 +184,9 @@ def _peer_cert(conn: SSL.Connection) -> x509.Certificate:
     # carries the certificate of the handshake it came from, maybe expired since.
     now = dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
+        how = " (a resumed session)" if ossl.session_reused(conn) else ""
         raise IdentityError(
-            f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC"
-            " (a resumed session)"
+            f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC{how}"
         )
     return cert
 
