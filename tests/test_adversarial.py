@@ -227,7 +227,7 @@ def test_soak_leaves_no_fds_threads_or_memory_behind(lab):
         assert result["connections"] == count and result["errors"] == 0, result
         for pod, pid in pids.items():
             wait_until(
-                f"{pod}'s fds back to idle", lambda pid=pid, pod=pod: fds(pid) == before[pod][0]
+                f"{pod}'s fds back to idle", lambda pid=pid, pod=pod: fds(pid) <= before[pod][0]
             )
         after = {p: (fds(pid), status(pid, "Threads")) for p, pid in pids.items()}
         rss1 = {p: status(pid, "VmRSS") for p, pid in pids.items()}
@@ -238,7 +238,7 @@ def test_soak_leaves_no_fds_threads_or_memory_behind(lab):
             f"{rss0} -> with idle {rss_idle} -> after {rss1}; kB per idle connection {per_idle}"
         )
         for pod in pids:
-            assert after[pod][0] == before[pod][0]
+            assert after[pod][0] <= before[pod][0], (pod, before, after)
             assert after[pod][1] <= before[pod][1] + 2, (pod, before, after)  # to_thread workers
             assert_clean(lab.sidecars[pod].log())
 
