@@ -37,12 +37,19 @@ def test_admission_counts_and_refuses_by_kind():
 
 
 def test_admission_asks_for_a_trim_only_after_a_burst():
-    adm = limits.Admission(Limits(max_pending_handshakes=1000, max_pending_per_source=1000))
-    adm.admit("x", pending=True)
-    assert adm.authenticated("x") is False  # one handshake is no burst
+    adm = limits.Admission(Limits())
+    for _ in range(limits.TRIM_AFTER - 1):
+        adm.admit("x", pending=False)
+    for _ in range(limits.TRIM_AFTER - 1):
+        adm.closed()
+    assert adm.burst_ended() is False  # 255 let go: no burst
+    for _ in range(limits.TRIM_AFTER + 10):
+        adm.admit("x", pending=False)
+    assert adm.burst_ended() is False  # still held
     for _ in range(limits.TRIM_AFTER):
-        adm.admit("x", pending=True)
-    assert [adm.authenticated("x") for _ in range(limits.TRIM_AFTER)][-1] is True
+        adm.closed()
+    assert adm.burst_ended() is True
+    assert adm.burst_ended() is False  # once per burst
 
 
 def test_throttle_one_line_per_kind_per_interval():

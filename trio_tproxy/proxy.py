@@ -34,7 +34,6 @@ import errno
 import functools
 import ipaddress
 import logging
-import math
 import socket as _stdsocket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -200,7 +199,6 @@ class Sidecar:
         self.stats = Stats()
         self.admission = limits.Admission(config.limits)
         self._throttle = limits.Throttle()
-        self._trimmed_at = -math.inf
         self.sessions = SessionCache(config.session_cache)
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
@@ -293,6 +291,7 @@ class Sidecar:
                         functools.partial(accept_loop, admit=admit), listener, handler
                     )
                 nursery.start_soon(expiry.watch, lambda: self.credentials)
+                nursery.start_soon(self._trim_after_bursts)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
@@ -336,12 +335,13 @@ class Sidecar:
 
     def _handshake_over(self, src: Address) -> None:
         """An admitted inbound connection is no longer pending (authenticated or not)."""
-        if self.admission.authenticated(src[0]):
-            # A burst of unauthenticated connections has just ended: glibc keeps
-            # the freed heap (~55 KB each) unless asked to give it back.
-            now = trio.current_time()
-            if now - self._trimmed_at >= limits.TRIM_EVERY:
-                self._trimmed_at = now
+        self.admission.authenticated(src[0])
+
+    async def _trim_after_bursts(self) -> None:
+        """glibc keeps the heap a burst freed (~55 KB a connection) unless asked."""
+        while True:
+            await trio.sleep(limits.TRIM_EVERY)
+            if self.admission.burst_ended():
                 limits.trim_memory()
 
     # -- handlers --------------------------------------------------------------
