@@ -71,8 +71,7 @@ def test_limits_are_validated(bad):
         Timeouts(idle=0)
 
 
-def test_raise_fd_limit_goes_to_the_hard_limit(caplog):
-    caplog.set_level(logging.INFO)
+def test_raise_fd_limit_goes_to_the_hard_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))
@@ -80,7 +79,6 @@ def test_raise_fd_limit_goes_to_the_hard_limit(caplog):
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert any("open-file limit" in r.getMessage() for r in caplog.records)
 
 
 def test_expiry_schedule_few_lines_then_the_expiry():

@@ -125,7 +125,10 @@ class Throttle:
 
 
 def raise_fd_limit() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit (one INFO line); returns (soft, hard)."""
+    """Soft RLIMIT_NOFILE up to the hard limit; returns (soft, hard).
+
+    Quiet on success (the "ready:" line says the value: a start-up failure
+    stays one line); one warning if the kernel refuses."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -134,7 +137,6 @@ def raise_fd_limit() -> tuple[int, int]:
         except (OSError, ValueError) as exc:
             log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
             return soft, hard
-    log.info("open-file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
     return soft, hard
 
 

@@ -34,6 +34,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import resource
 import socket as _stdsocket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -199,6 +200,8 @@ class Sidecar:
         self.stats = Stats()
         self.admission = limits.Admission(config.limits)
         self._throttle = limits.Throttle()
+        #: The open-file limit after raising it (for the "ready:" line).
+        self.fd_limit = "unchanged"
         self.sessions = SessionCache(config.session_cache)
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
@@ -263,7 +266,8 @@ class Sidecar:
         ic = self.config.interception
         mark = ic.bypass_mark if self.kernel_options else None
         if self.kernel_options:
-            limits.raise_fd_limit()
+            soft = limits.raise_fd_limit()[0]
+            self.fd_limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
         listeners: list[tuple[str, trio.socket.SocketType]] = []
         tcp_port, tls_port = self.ports
         try:
