@@ -122,8 +122,11 @@ def test_connection_over_max_connections_is_reset_at_accept_with_one_line(pki, c
                 held.append(c)
             for _ in range(3):
                 extra = await connect(egress_port(a))
-                await extra.send_all(b"one too many")
-                await expect_reset(extra)
+                try:
+                    await extra.send_all(b"one too many")
+                    await expect_reset(extra)
+                except trio.BrokenResourceError:
+                    pass  # reset before our send (A's dial to B met the RST at once)
                 await extra.aclose()
             assert b.stats.refusals[("ingress", limits.MAX_CONNECTIONS)] == 3
             for c in held:  # the first three carry on

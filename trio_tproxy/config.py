@@ -157,8 +157,8 @@ class Limits:
     """What one sidecar holds at once; over a limit a new connection is reset at accept.
 
     Sized for a pod with a 256 MiB memory limit, where one connection costs
-    about 55 KB (TLS state, two sockets, the relay) and the process itself
-    about 40 MB: see docs in :mod:`trio_tproxy.limits`.
+    55-60 KB (TLS state, two sockets, the relay) and the process itself
+    about 55 MB: see :mod:`trio_tproxy.limits`.
     """
 
     #: Connections held at once, both directions, from accept to close.

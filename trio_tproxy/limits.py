@@ -17,10 +17,12 @@ task, a TLS object or a byte read exists for it: a refusal is an RST
   the pod's own app: only the global cap applies to them.
 
 The defaults (see :class:`~trio_tproxy.config.Limits`), for a pod with a
-256 MiB memory limit: a held connection costs ~55 KB (measured: the TLS
-state, two sockets and the relay task) and the sidecar itself ~40 MB, so 2048
-connections stay near 150 MB with room for buffers in flight; 512 pending
-handshakes are ~28 MB, far more than a fleet reconnecting at once has in
+256 MiB memory limit: an idle relayed connection costs 55-60 KB and a
+pending handshake 58 KB (measured in the two-pod lab: TLS state, two sockets,
+the tasks) and the sidecar itself ~55 MB, so 2048 connections stay near
+175 MB with room for the buffers of those moving data (up to 256 KiB each
+while a chunk is in flight); 512 pending handshakes are ~30 MB, far more
+than a fleet reconnecting at once has in
 flight (a handshake takes a few milliseconds); 64 per source leaves a busy
 client pod room for a cold connection pool while one address cannot hold
 more than an eighth of the pending budget.
