@@ -26,14 +26,20 @@ is one ``trio_tproxy.conn`` line, and ``Stats.connections`` counts both by
 (``getpeername`` fails once the peer has reset).
 
 The accept loop sleeps on capacity errors (EMFILE, ENFILE, ENOBUFS, ENOMEM),
-logs one warning per burst, and lets every other error propagate.
+logs one warning per burst, and lets every other error propagate.  It also
+admits or refuses each connection against the limits (:mod:`.limits`)
+before any task or TLS object exists for it: a refusal there is an RST, one
+rate-limited warning line per kind, and a count in ``Stats.refusals``
+(and ``Stats.connections``), not a line per connection.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
+import resource
 import socket as _stdsocket
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import kernel, peek, tlspolicy
+from . import expiry, kernel, limits, peek, tlspolicy
 from .clienthello import SIDECAR
 from .config import ProxyConfig
 from .credentials import Credentials
@@ -62,6 +68,8 @@ IngressDialer = Callable[[Address, Address], Awaitable[Stream]]
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
 #: Handles one accepted socket and the address accept() gave.
 Handler = Callable[[trio.socket.SocketType, Address], Awaitable[None]]
+#: Decides, in the accept loop, whether a connection from this address is taken.
+Admit = Callable[[Address], bool]
 
 _LOOPBACK: dict[int, str] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
 #: accept() failures that mean "out of a resource for now": wait, do not die.
@@ -125,6 +133,10 @@ async def open_listener(
     sock = trio.socket.socket(_family(host), _stdsocket.SOCK_STREAM)
     try:
         sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (no syscall per connection).  Without it a
+        # small answer written right after TLS 1.3's session tickets waits for
+        # the peer's delayed ACK (40 ms): measured in the soak test.
+        sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         if sock.family == _stdsocket.AF_INET6:
             sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 1)
         if transparent:
@@ -145,9 +157,12 @@ async def accept_loop(
     listener: trio.socket.SocketType,
     handler: Handler,
     *,
+    admit: Admit | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept forever, one task per connection (in this loop's nursery)."""
+    """Accept forever, one task per admitted connection (in this loop's nursery).
+
+    A connection ``admit`` refuses is reset at once, unread."""
     warned_at: float | None = None
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -167,7 +182,11 @@ async def accept_loop(
                     )
                 await trio.sleep(CAPACITY_PAUSE)
                 continue
-            nursery.start_soon(handler, sock, (str(addr[0]), int(addr[1])))
+            src = (str(addr[0]), int(addr[1]))
+            if admit is not None and not admit(src):
+                _abort_socket(sock)
+                continue
+            nursery.start_soon(handler, sock, src)
 
 
 @dataclass
@@ -203,12 +222,18 @@ class Sidecar:
         """``ports``: (egress, ingress) to bind instead of the configured ones; 0 lets
         the kernel choose (tests): ``serve`` reports what was bound."""
         self.config = config
+        #: Ours; whoever reloads them replaces this (the expiry warning reads it).
+        self.credentials = credentials
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
         self.use_credentials(credentials)
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app
         self.stats = Stats()
+        self.admission = limits.Admission(config.limits)
+        self._throttle = limits.Throttle()
+        #: The open-file limit after raising it (for the "ready:" line).
+        self.fd_limit = "unchanged"
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
@@ -342,6 +367,9 @@ class Sidecar:
         """
         ic = self.config.interception
         mark = ic.bypass_mark if self.kernel_options else None
+        if self.kernel_options:
+            soft = limits.raise_fd_limit()[0]
+            self.fd_limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
         listeners: list[tuple[str, trio.socket.SocketType]] = []
         tcp_port, tls_port = self.ports
         try:
@@ -361,8 +389,17 @@ class Sidecar:
             )
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
-                    handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    await nursery.start(accept_loop, listener, self._gate(kind, handler))
+                    if kind == "egress":
+                        handler, admit = self.handle_egress, self._admit_egress
+                    else:
+                        handler, admit = self.handle_ingress, self._admit_ingress
+                    await nursery.start(
+                        functools.partial(accept_loop, admit=admit),
+                        listener,
+                        self._gate(kind, handler),
+                    )
+                nursery.start_soon(expiry.watch, lambda: self.credentials)
+                nursery.start_soon(self._trim_after_bursts)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
@@ -375,8 +412,10 @@ class Sidecar:
             if not self.refuse_new:
                 await handler(sock, src)
                 return
+            # Admitted (counted active, and pending if inbound) by accept_loop.
             conn = _Conn(direction, src, ("?", 0), trio.current_time())
-            self.stats.active += 1
+            if direction == "ingress":
+                self._handshake_over(src)
             try:
                 conn.dst = kernel.original_destination(sock)
             except OSError:
@@ -387,6 +426,53 @@ class Sidecar:
 
         return gated
 
+    # -- admission -------------------------------------------------------------
+
+    def _admit_egress(self, src: Address) -> bool:
+        return self._admit("egress", src, pending=False)
+
+    def _admit_ingress(self, src: Address) -> bool:
+        return self._admit("ingress", src, pending=True)
+
+    def _admit(self, direction: str, src: Address, *, pending: bool) -> bool:
+        kind = self.admission.admit(src[0], pending=pending)
+        if kind is None:
+            self.stats.active += 1
+            return True
+        self.stats.connections[(direction, "refused")] += 1
+        self.stats.refusals[(direction, kind)] += 1
+        quiet = self._throttle.due(f"{direction} {kind}", trio.current_time())
+        if quiet is not None:
+            lim = self.config.limits
+            held = {
+                limits.MAX_CONNECTIONS: f"{self.admission.active} connections held",
+                limits.MAX_PENDING: f"{self.admission.pending} handshakes pending",
+                limits.MAX_PENDING_PER_SOURCE: f"{self.admission.pending_by_source[src[0]]} "
+                f"handshakes pending from {src[0]}",
+            }[kind]
+            value = getattr(lim, kind.replace("-", "_"))
+            log.warning(
+                "%s %s refused at accept: %s (--%s %d)%s",
+                direction,
+                fmt_addr(src),
+                held,
+                kind,
+                value,
+                f"; {quiet} more refused for this since the last such line" if quiet else "",
+            )
+        return False
+
+    def _handshake_over(self, src: Address) -> None:
+        """An admitted inbound connection is no longer pending (authenticated or not)."""
+        self.admission.authenticated(src[0])
+
+    async def _trim_after_bursts(self) -> None:
+        """glibc keeps the heap a burst freed (~55 KB a connection) unless asked."""
+        while True:
+            await trio.sleep(limits.TRIM_EVERY)
+            if self.admission.burst_ended():
+                limits.trim_memory()
+
     # -- handlers --------------------------------------------------------------
 
     async def handle_egress(self, sock: trio.socket.SocketType, src: Address) -> None:
@@ -394,7 +480,6 @@ class Sidecar:
         app = PlainStream(sock)
         #: Legs this handler still owns (the relay takes both).
         legs: list[Stream] = [app]
-        self.stats.active += 1
         ended = "error"
         try:
             conn.dst = dst = self.egress_destination(sock)
@@ -426,6 +511,7 @@ class Sidecar:
                 app,
                 leg.stream,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             if conn.result.outcome == "ok":
@@ -455,8 +541,8 @@ class Sidecar:
         conn = _Conn("ingress", src, ("?", 0), trio.current_time())
         raw: trio.socket.SocketType | None = sock
         legs: list[Stream] = []
-        self.stats.active += 1
         ended = "error"
+        pending = True
         try:
             conn.src, conn.dst = src, dst = kernel.ingress_addresses(sock, src)
             if self.config.ingress.permissive(dst[1]):
@@ -464,6 +550,8 @@ class Sidecar:
                     sock, tlspolicy.ALPN, self.config.timeouts.handshake
                 )
                 if kind is not SIDECAR:
+                    pending = False  # decided: no handshake to wait for
+                    self._handshake_over(src)
                     raw = None
                     peer = PlainStream(sock)
                     legs.append(peer)
@@ -482,6 +570,8 @@ class Sidecar:
                 )
             finally:
                 self.stats.pending_handshakes -= 1
+                pending = False
+                self._handshake_over(src)
             self.stats.handshake_done(
                 "ingress", bool(leg.resumed), trio.current_time() - handshake_start
             )
@@ -495,6 +585,7 @@ class Sidecar:
                 leg.stream,
                 app,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             ended = "relayed"
@@ -513,6 +604,8 @@ class Sidecar:
         except Exception:
             log.exception("internal error in ingress handler; connection aborted")
         finally:
+            if pending:
+                self._handshake_over(src)
             if raw is not None:
                 _abort_socket(raw)
             await _abort_all(legs)
@@ -554,6 +647,7 @@ class Sidecar:
         conn.reported = True
         stats = self.stats
         stats.active -= 1
+        self.admission.closed()
         if not stats.active and self._idle is not None:
             self._idle.set()
         direction = conn.direction
