@@ -39,6 +39,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import random
 import resource
 import socket as _stdsocket
 from collections import Counter, deque
@@ -285,28 +286,28 @@ class Sidecar:
         ``source``: a foreign address to connect from (the ingress client's):
         IP_TRANSPARENT lets us bind it, the preserve mark (instead of the bypass
         mark) makes conntrack route the app's replies back to us through ``lo``.
-        The port is the kernel's choice, but never one of ``avoid``: the source
-        ports of the inbound connections from that client to that app port we
-        hold.  Our socket ``client:p -> app:port`` would have the 4-tuple of the
-        TPROXY'd socket ``client:p -> app:port`` we accepted, which the kernel
-        cannot see (it is keyed from the other end), so the app's SYN goes to
-        that socket instead (connect "succeeds", then ECONNRESET).  Seen about
-        once in 10,000 connections with 16 at a time before this check.
+        The source port comes from :data:`PRESERVE_PORTS`, below every common
+        ephemeral range (Linux 32768-60999, Windows and macOS 49152-65535), and
+        is never one of ``avoid`` (the source ports of the inbound connections
+        from that client to that app port we hold).  Two collisions are
+        avoided that way, both about once in 10,000 connections with 16 at a
+        time when the kernel chose the port from the clients' own range:
+
+        * our socket ``client:p -> app:port`` has the 4-tuple of a TPROXY'd
+          socket ``client:p -> app:port`` we accepted, which the kernel cannot
+          see (it is keyed from the other end): the app's SYN goes to that
+          socket instead (connect "succeeds", then ECONNRESET);
+        * the client later opens ``client:p -> app:port`` itself: TPROXY's
+          lookup finds the app's accepted socket of our connection (local
+          ``app:port``, remote ``client:p``) and that connection is reset.
         """
         sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
         try:
             ic = self.config.interception
             if source is not None:
-                for _ in range(16):
-                    kernel.set_transparent(sock)
-                    kernel.set_mark(sock, ic.preserve_mark)
-                    await sock.bind((source, 0))
-                    if sock.getsockname()[1] not in avoid:
-                        break
-                    sock.close()  # held by an inbound connection: another port
-                    sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
-                else:
-                    raise OSError(errno.EADDRINUSE, "no free source port for the client")
+                kernel.set_transparent(sock)
+                kernel.set_mark(sock, ic.preserve_mark)
+                await _bind_preserved(sock, source, avoid)
             elif self.kernel_options:
                 kernel.set_mark(sock, ic.bypass_mark)
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
@@ -774,6 +775,29 @@ async def _abort_all(legs: list[Stream]) -> None:
     with trio.CancelScope(shield=True):
         for leg in legs:
             await leg.abort()
+
+
+#: Source ports of the app legs that keep the client's address (see Sidecar.dial).
+PRESERVE_PORTS = range(16384, 32768)
+
+
+async def _bind_preserved(
+    sock: trio.socket.SocketType, source: str, avoid: Container[int], tries: int = 64
+) -> None:
+    """Bind ``sock`` to ``source`` on a free port of :data:`PRESERVE_PORTS` not in ``avoid``."""
+    for _ in range(tries):
+        port = random.choice(PRESERVE_PORTS)
+        if port in avoid:
+            continue
+        try:
+            await sock.bind((source, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    await sock.bind((source, 0))  # the range is crowded: the kernel's choice
+    if sock.getsockname()[1] in avoid:
+        raise OSError(errno.EADDRINUSE, "no free source port for the client's address")
 
 
 def _abort_socket(sock: trio.socket.SocketType) -> None:
