@@ -33,6 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = scenarios.Settings(bulk_mib=512, conn_seconds=3.0, rr_count=10_000, idle_conns=1000)
 QUICK = scenarios.Settings(bulk_mib=32, conn_seconds=1.0, rr_count=1000, idle_conns=100)
 DEFAULT_REPEAT = 3
+#: Seconds of quiet after the last test before the proxies' RSS is read again.
+SETTLE_S = 3.0
 #: Above this, a load generator may be what limits the figure (CPU % of one core).
 SATURATED_PCT = 90.0
 #: Above this, processes outside the benchmark disturbed a test (CPU % of one core).
@@ -79,6 +81,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="before each set-up, wait up to SECONDS for other processes to use less than "
         f"{QUIET_PCT:g}%% of a core (for shared machines; default 0: do not wait)",
+    )
+    p.add_argument(
+        "--haproxy-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="haproxy's nbthread (default 1, the match for one trio process; haproxy's own "
+        "default is one per core)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     p.add_argument(
@@ -178,7 +188,9 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
     notes: dict[str, list[dict[str, str]]] = {name: [] for name in args.proxies}
     for rep in range(args.repeat):
         for name in args.proxies:
-            proxy = ALL[name](lab, resume=not args.no_resumption)
+            proxy = ALL[name](
+                lab, resume=not args.no_resumption, haproxy_threads=args.haproxy_threads
+            )
             configurations.setdefault(name, proxy.configuration())
             hook = None
             if args.profile and name == "trio-tproxy":
@@ -252,6 +264,7 @@ def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
     use the repetitions that succeeded.
     """
     out: dict[str, Any] = {"loadgen": {}, "failures": {}}
+    out.update(scenarios.rss(ctx, "rss_start"))
     tests: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("idle", lambda: scenarios.idle(ctx)),
         ("rr", lambda: scenarios.request_response(ctx)),
@@ -269,6 +282,9 @@ def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
         if "loadgen" in result:
             out["loadgen"][test] = result.pop("loadgen")
         out.update(result)
+    # What the proxies keep once the load is gone (heap not returned, caches).
+    time.sleep(SETTLE_S)
+    out.update(scenarios.rss(ctx, "rss_end"))
     _say(f"  {tag}: {_summary(out)}")
     return out
 
@@ -289,6 +305,10 @@ def _summary(r: dict[str, Any]) -> str:
             f"bulk {r['bulk_mbps']:.0f} MB/s (client {lg['client_cpu_pct']:.0f}% / "
             f"server {lg['server_cpu_pct']:.0f}% of a core{proxies})"
         )
+    if "rss_end_kib" in r:
+        parts.append(
+            f"RSS A+B {r['rss_start_kib'] / 1024:.1f} -> {r['rss_end_kib'] / 1024:.1f} MiB"
+        )
     return "; ".join(parts) or "no figures"
 
 
@@ -304,6 +324,11 @@ DEFINITIONS = {
     "rr_*": "ping-pong of 64 B on one connection (TCP_NODELAY), after 100 warm-up rounds",
     "idle_kib_per_conn": "VmRSS summed over the proxies' processes in A and B, before vs while "
     "holding the connections (each proven by a 1-byte echo), divided by their number",
+    "rss_start_kib": "VmRSS of the proxies of A and B (also _a_kib, _b_kib) just after start, "
+    "before any traffic",
+    "rss_end_kib": f"VmRSS of the proxies after all tests of the repetition, {SETTLE_S:g} s after "
+    "the last one ended",
+    "rr_cpu_us_per_rt_a": "ping-pong CPU per round trip of A's proxy alone (_b: B's)",
     "loadgen_cpu": "client CPU from its getrusage, server CPU from /proc, as % of one core over "
     "the test's wall time",
     "ratios": "value / haproxy's value, whatever the direction; see 'better'",

@@ -22,6 +22,8 @@ same work:
 * haproxy: one thread (``nbthread 1``); the sidecar is one single-threaded
   process too, and on a 2-core box the load generators need the other core.
   stunnel has no such knob: it runs one thread per connection.
+  ``--haproxy-threads N`` changes it, to reproduce a reading taken with
+  haproxy's default (one thread per core): see the README's ping-pong section.
 """
 
 from __future__ import annotations
@@ -108,9 +110,13 @@ def _stunnel_tls(creds: Credentials) -> list[str]:
 
 
 def haproxy_client(
-    services: list[Service], b_ip: str, creds: Credentials, resume: bool = True
+    services: list[Service],
+    b_ip: str,
+    creds: Credentials,
+    resume: bool = True,
+    threads: int = 1,
 ) -> str:
-    lines = _haproxy_globals()
+    lines = _haproxy_globals(threads)
     for s in services:
         lines += [
             f"listen {s.name}",
@@ -122,8 +128,8 @@ def haproxy_client(
     return "\n".join(lines)
 
 
-def haproxy_server(services: list[Service], b_ip: str, creds: Credentials) -> str:
-    lines = _haproxy_globals()
+def haproxy_server(services: list[Service], b_ip: str, creds: Credentials, threads: int = 1) -> str:
+    lines = _haproxy_globals(threads)
     for s in services:
         lines += [
             f"listen {s.name}",
@@ -135,10 +141,10 @@ def haproxy_server(services: list[Service], b_ip: str, creds: Credentials) -> st
     return "\n".join(lines)
 
 
-def _haproxy_globals() -> list[str]:
+def _haproxy_globals(threads: int) -> list[str]:
     return [
         "global",
-        "    nbthread 1",
+        f"    nbthread {threads}",
         "    maxconn 8000",  # two fds per connection: stays under a 20000-fd limit
         "",
         "defaults",

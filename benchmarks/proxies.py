@@ -54,6 +54,8 @@ class Proxy:
     notes: dict[str, str] = field(default_factory=dict)
     #: TLS session resumption towards the peer (each proxy's own mechanism).
     resume: bool = True
+    #: haproxy's ``nbthread`` (1: the fair match for one single-threaded trio process).
+    haproxy_threads: int = 1
 
     def start(self) -> None:
         """Start the proxies and return once they accept connections."""
@@ -195,8 +197,12 @@ class Haproxy(_Pair):
     def render(self, pod: str) -> str:
         b_ip = self.lab.host("b").ip4
         if pod == "a":
-            return configs.haproxy_client(self.services(), b_ip, self.credentials(pod), self.resume)
-        return configs.haproxy_server(self.services(), b_ip, self.credentials(pod))
+            return configs.haproxy_client(
+                self.services(), b_ip, self.credentials(pod), self.resume, self.haproxy_threads
+            )
+        return configs.haproxy_server(
+            self.services(), b_ip, self.credentials(pod), self.haproxy_threads
+        )
 
     def argv(self, config: Path) -> list[str]:
         return ["haproxy", "-db", "-f", str(config)]

@@ -74,6 +74,8 @@ class Measured:
 
     out: Result
     proxy_cpu: float
+    #: the same, per pod ("a": client side, "b": server side)
+    proxy_cpu_by_pod: dict[str, float]
     server_cpu: float
     #: processes outside the benchmark (a shared machine): CPU the test did not get
     other_cpu: float
@@ -94,8 +96,9 @@ class Measured:
 def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
     """Run a client in pod A, with the CPU of the proxies, the server and strangers meanwhile."""
     topo = ctx.proxy.lab.topology
-    pids = list(ctx.proxy.pids().values())
-    proxy0, server0 = procstat.cpu_seconds(pids), procstat.cpu_seconds([ctx.server_pid])
+    by_pod = ctx.proxy.pids()
+    pod0 = {pod: procstat.cpu_seconds([pid]) for pod, pid in by_pod.items()}
+    server0 = procstat.cpu_seconds([ctx.server_pid])
     other0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     try:
         done = topo.run("a", argv, timeout=timeout)
@@ -103,7 +106,7 @@ def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
         raise LoadgenError(f"{ctx.proxy.name}: {' '.join(argv[2:])} timed out") from None
     wall = time.monotonic() - t0
     other = procstat.foreign_cpu_seconds() - other0
-    proxy_cpu = procstat.cpu_seconds(pids) - proxy0
+    pod_cpu = {pod: procstat.cpu_seconds([pid]) - pod0[pod] for pod, pid in by_pod.items()}
     server_cpu = procstat.cpu_seconds([ctx.server_pid]) - server0
     if done.returncode != 0:
         raise LoadgenError(
@@ -111,7 +114,7 @@ def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
             f"{done.stderr.strip()[-2000:]}"
         )
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return Measured(out, proxy_cpu, server_cpu, other, wall)
+    return Measured(out, sum(pod_cpu.values()), pod_cpu, server_cpu, other, wall)
 
 
 def bulk(ctx: Context) -> Result:
@@ -168,7 +171,20 @@ def request_response(ctx: Context) -> Result:
         # CPU or waiting? Per round trip, warm-up and handshake included (a few %).
         round_trips = ctx.settings.rr_count + min(RR_WARMUP, ctx.settings.rr_count)
         result["rr_cpu_us_per_rt"] = 1e6 * m.proxy_cpu / round_trips
+        # Per side too: a reading of "the sidecar's CPU" may mean one proxy, not A+B.
+        for pod, cpu in m.proxy_cpu_by_pod.items():
+            result[f"rr_cpu_us_per_rt_{pod}"] = 1e6 * cpu / round_trips
     return result
+
+
+def rss(ctx: Context, key: str) -> Result:
+    """RSS of each side's proxy (A, B) and their sum, in KiB, under ``key``."""
+    by_pod = {pod: procstat.rss_kib([pid]) for pod, pid in ctx.proxy.pids().items()}
+    if not by_pod:
+        return {}
+    return {f"{key}_kib": sum(by_pod.values())} | {
+        f"{key}_{pod}_kib": kib for pod, kib in by_pod.items()
+    }
 
 
 def idle(ctx: Context) -> Result:

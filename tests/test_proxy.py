@@ -588,3 +588,24 @@ def test_accept_loop_lets_other_errors_propagate():
     with pytest.raises(BaseExceptionGroup) as caught:  # from the loop's handler nursery
         trio.run(main)
     assert caught.value.subgroup(lambda e: isinstance(e, OSError) and e.errno == errno.EBADF)
+
+
+def test_accepted_sockets_have_nodelay() -> None:
+    """Set on the listener, inherited by every accepted socket: Nagle off on both legs
+    (with it, the TLS server's handshake flight and its tickets waited ~40 ms for an ACK)."""
+    import socket as stdsocket
+
+    from trio_tproxy.proxy import open_listener
+
+    async def main() -> None:
+        listener = await open_listener("127.0.0.1", 0, transparent=False, mark=None)
+        with listener:
+            client = trio.socket.socket()
+            with client:
+                await client.connect(listener.getsockname())
+                accepted, _ = await listener.accept()
+                with accepted:
+                    nodelay = accepted.getsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY)
+                    assert nodelay == 1
+
+    trio.run(main)

@@ -27,13 +27,15 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from .credentials import Credentials
 from .httpserver import HttpServer, Limits, Request, Response, method_not_allowed, text
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("trio_tproxy")
 
@@ -93,8 +95,14 @@ class Health:
 
 
 def make_server(
-    health: Health, registry: CollectorRegistry, stats_recent: Callable[[], list[dict[str, object]]]
+    health: Health,
+    registry: Callable[[], CollectorRegistry],
+    stats_recent: Callable[[], list[dict[str, object]]],
 ) -> HttpServer:
+    """``registry()`` builds the metrics registry, called on the first scrape only
+    (prometheus_client is imported then: a sidecar never scraped never loads it)."""
+    built: list[CollectorRegistry] = []
+
     async def healthz(req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):
             return method_not_allowed()
@@ -111,8 +119,12 @@ def make_server(
     async def metrics(req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):
             return method_not_allowed()
+        from prometheus_client.exposition import choose_encoder
+
+        if not built:
+            built.append(registry())
         encoder, content_type = choose_encoder(req.header("accept") or "")
-        return Response(200, [("content-type", content_type)], encoder(registry))
+        return Response(200, [("content-type", content_type)], encoder(built[0]))
 
     async def connections(req: Request) -> Response:
         if req.method not in ("GET", "HEAD"):

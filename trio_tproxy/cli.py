@@ -596,6 +596,9 @@ def setup_logging(verbosity: int, log_format: str = "text") -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import memory
+
+    memory.limit_arenas()  # before any thread allocates (see memory.py)
     import trio
 
     from . import lifecycle

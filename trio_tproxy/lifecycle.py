@@ -74,7 +74,7 @@ from types import FrameType
 
 import trio
 
-from . import admin, drift, metrics, probes, reload, tlspolicy
+from . import admin, drift, memory, metrics, probes, reload, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
@@ -277,6 +277,12 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                 nursery.start_soon(_reload_on_signal, other_signals, watcher)
                 await nursery.start(watcher.watch)
                 await nursery.start(sidecar.serve)
+                stats = sidecar.stats
+                nursery.start_soon(
+                    memory.trim_when_idle,
+                    lambda: stats.active,
+                    lambda: sum(stats.connections.values()),
+                )
                 health.listening = True
                 admin_bound: list[tuple[str, int]] = []
                 if config.admin_port:
@@ -378,8 +384,11 @@ async def _start_admin(
             "draining": float(health.draining),
         }
 
-    registry = metrics.registry(sidecar.stats, extra)
-    server = admin.make_server(health, registry, lambda: list(sidecar.stats.recent))
+    server = admin.make_server(
+        health,
+        functools.partial(metrics.registry, sidecar.stats, extra),
+        lambda: list(sidecar.stats.recent),
+    )
     addresses = await trio.to_thread.run_sync(admin.pod_addresses, config.admin_port)
     try:
         bound: list[tuple[str, int]] = await nursery.start(server.serve, addresses)

@@ -42,8 +42,6 @@ look (``Admission.burst_ended``), and trims if so: nothing per connection.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import resource
 from collections import Counter
@@ -146,27 +144,3 @@ def raise_fd_limit() -> tuple[int, int]:
 TRIM_AFTER = 256
 #: Seconds between two looks (a trim walks the heap: milliseconds).
 TRIM_EVERY = 10.0
-
-
-def _libc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has none)
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_trim = _libc_trim()
-
-
-def trim_memory() -> bool:
-    """Give the heap's free pages back to the kernel (glibc only); True if it ran."""
-    if _trim is None:
-        return False
-    _trim(0)
-    return True

@@ -36,16 +36,15 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from .proxy import Stats
+
+# prometheus_client (about 2.4 MB of RSS with what it imports) is imported on
+# the first scrape, not at start: the hot path only needs Histogram and the
+# bucket bounds below, and many sidecars are never scraped.
 
 #: Handshakes: a resumed one on a LAN takes well under a millisecond, a full
 #: one a few ms, one over a slow link or a loaded node tens of ms.
@@ -102,6 +101,12 @@ class SidecarCollector:
         return []  # not known before a collect (labels vary); fine for a custom registry
 
     def collect(self) -> Iterable[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         s = self.stats
         conns = CounterMetricFamily(
             "trio_tproxy_connections",
@@ -172,6 +177,8 @@ def registry(
     stats: Stats, extra: Callable[[], dict[str, float]] | None = None
 ) -> CollectorRegistry:
     """A registry of our own (not the global one): the sidecar's and the process's metrics."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SidecarCollector(stats, extra))  # type: ignore[arg-type]
     ProcessCollector(registry=reg)
