@@ -204,9 +204,9 @@ class Interception:
     #: Priority of the ``ip rule`` (0 lets the kernel choose, like ``ip rule add``).
     rule_priority: int = 0
     #: UDP (opt-in): egress UDP to the intercept CIDRs goes to the UDP listener on
-    #: ``udp_port`` (loopback), and is carried to the peer's ``dtls_port`` over DTLS.
+    #: ``udp_listen_port`` (loopback), and is carried to the peer's ``dtls_port`` over DTLS.
     intercept_udp: bool = False
-    udp_port: int = 1
+    udp_listen_port: int = 1
     #: The UDP port peers send DTLS to (on the wire, unlike ``tls_port``).
     dtls_port: int = 2
     #: If not empty, only egress UDP to these remote ports is intercepted.
@@ -257,12 +257,12 @@ class Interception:
             )
 
     def _check_udp(self) -> None:
-        check_port(self.udp_port, "--udp-port")
+        check_port(self.udp_listen_port, "--udp-listen-port")
         check_port(self.dtls_port, "--dtls-port")
-        if self.udp_port == self.dtls_port:
-            raise ConfigError(f"--udp-port and --dtls-port are both {self.udp_port}")
+        if self.udp_listen_port == self.dtls_port:
+            raise ConfigError(f"--udp-listen-port and --dtls-port are both {self.dtls_port}")
         for port in self.udp_ports:
-            check_port(port, "--intercept-udp-port")
+            check_port(port, "--udp-port")
         for port in self.exclude_udp_ports:
             check_port(port, "--exclude-udp-port")
         if self.dtls_port in self.exclude_udp_ports:

@@ -120,6 +120,66 @@ def original_destination(sock: SocketLike) -> tuple[str, int]:
     return str(address), int(name[1])
 
 
+# --------------------------------------------------------------------------- UDP
+
+# Python's socket module has none of these (linux/in.h, linux/in6.h).
+#: IP_RECVORIGDSTADDR (= IP_ORIGDSTADDR, the cmsg type): recvmsg reports each
+#: datagram's destination before TPROXY, as a struct sockaddr_in.
+IP_RECVORIGDSTADDR: Final = 20
+#: IPV6_RECVORIGDSTADDR (= IPV6_ORIGDSTADDR): the same, struct sockaddr_in6.
+IPV6_RECVORIGDSTADDR: Final = 74
+#: IP_PKTINFO: sendmsg with a struct in_pktinfo chooses the source address.
+IP_PKTINFO: Final = 8
+#: Room for one IP(V6)_ORIGDSTADDR message (a sockaddr_in6 is the larger).
+ORIGDST_CMSG_SPACE: Final = socket.CMSG_SPACE(28)
+_SOCKADDR_IN: Final = struct.Struct("=H2s4s8x")  # family, port (network order), address
+_SOCKADDR_IN6: Final = struct.Struct("=H2s4x16s4x")  # family, port, flowinfo, address, scope
+
+
+def set_recv_original_destination(sock: SocketLike) -> None:
+    """Have ``recvmsg`` report each datagram's original destination (TPROXY'd UDP)."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+
+
+def original_destination_of_datagram(
+    ancdata: list[tuple[int, int, bytes]],
+) -> tuple[str, int] | None:
+    """The original destination in ``recvmsg``'s ancillary data, or None if absent."""
+    for level, kind, data in ancdata:
+        if level == SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= _SOCKADDR_IN.size:
+            _, port, addr = _SOCKADDR_IN.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET, addr), int.from_bytes(port, "big")
+        if (
+            level == socket.IPPROTO_IPV6
+            and kind == IPV6_RECVORIGDSTADDR
+            and len(data) >= _SOCKADDR_IN6.size
+        ):
+            _, port, addr = _SOCKADDR_IN6.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET6, addr), int.from_bytes(port, "big")
+    return None
+
+
+def source_address_cmsg(host: str) -> tuple[int, int, bytes]:
+    """Ancillary data for ``sendmsg`` that sends from ``host`` (IP_PKTINFO / IPV6_PKTINFO).
+
+    The port is the socket's own. Lets one listener answer from whichever
+    address a datagram was sent to (the DTLS cookie exchange, before a flow
+    has a socket of its own).
+    """
+    if ":" in host:
+        # struct in6_pktinfo: address, interface index (0: any)
+        return (
+            socket.IPPROTO_IPV6,
+            socket.IPV6_PKTINFO,
+            struct.pack("=16si", socket.inet_pton(socket.AF_INET6, host), 0),
+        )
+    # struct in_pktinfo: interface index, source ("spec_dst"), header destination (unused)
+    return SOL_IP, IP_PKTINFO, struct.pack("=i4s4x", 0, socket.inet_pton(socket.AF_INET, host))
+
+
 # --------------------------------------------------------------------------- routing
 
 

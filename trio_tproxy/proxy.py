@@ -43,6 +43,7 @@ from .plainstream import PlainStream
 from .relay import RelayResult, relay
 from .sessions import SessionCache
 from .streams import Stream
+from .udp import UDPService
 
 log = logging.getLogger("trio_tproxy")
 #: One line per finished connection; enabled from ``-v 1``.
@@ -81,6 +82,8 @@ class Stats:
     refusals: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
     active: int = 0
+    #: UDP flows by outcome, packets, bytes and drops by reason (``--intercept-udp``).
+    udp: Counter[str] = field(default_factory=Counter)
 
 
 class Refused(Exception):
@@ -184,6 +187,12 @@ class Sidecar:
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
         #: Ports of our own listeners: never a destination we dial.
         self.own_ports: frozenset[int] = frozenset(p for p in self.ports if p)
+        #: UDP over DTLS, when asked for (it needs the kernel options).
+        self.udp = (
+            UDPService(config, credentials, self.stats.udp, listen_hosts=listen_hosts)
+            if ic.intercept_udp and kernel_options
+            else None
+        )
 
     # -- sockets we dial -------------------------------------------------------
 
@@ -261,6 +270,8 @@ class Sidecar:
                 for kind, listener in listeners:
                     handler = self.handle_egress if kind == "egress" else self.handle_ingress
                     await nursery.start(accept_loop, listener, handler)
+                if self.udp is not None:
+                    await nursery.start(self.udp.serve)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
