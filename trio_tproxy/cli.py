@@ -226,6 +226,7 @@ def add_udp_flags(parser: argparse.ArgumentParser) -> None:
         "--udp-listen-port",
         dest="udp_listen_port",
         type=_typed(parse_port),
+        metavar="PORT",
         default=UNSET,
         help=f"UDP (egress) listener port, on loopback (default {d('udp_listen_port')})",
     )
@@ -233,6 +234,7 @@ def add_udp_flags(parser: argparse.ArgumentParser) -> None:
         "--dtls-port",
         dest="dtls_port",
         type=_typed(parse_port),
+        metavar="PORT",
         default=UNSET,
         help=f"UDP port peers send DTLS to, and our DTLS listener's (default {d('dtls_port')})",
     )
@@ -274,7 +276,6 @@ def interception_from(args: argparse.Namespace) -> Interception:
 
 def add_run_flags(parser: _Parser) -> None:
     add_interception_flags(parser)
-    add_udp_flags(parser)
     parser.required_hint = (
         "no key ships with trio-tproxy; make a development CA and certificate with "
         "'trio-tproxy certs ca --out DIR' and 'trio-tproxy certs issue --ca-dir DIR --out DIR "
@@ -350,34 +351,6 @@ def add_run_flags(parser: _Parser) -> None:
         help="how long one direction may stay open after the other ended (default "
         f"{_shown(Timeouts, 'half_close')})",
     )
-    u = parser.add_argument_group("UDP flows (with --intercept-udp)")
-    u.add_argument(
-        "--udp-idle-timeout",
-        dest="udp_idle_timeout",
-        type=_typed(parse_seconds),
-        default=UNSET,
-        metavar="S",
-        help="a flow silent both ways this long ends (default "
-        f"{_shown(ProxyConfig, 'udp_idle_timeout')})",
-    )
-    u.add_argument(
-        "--udp-max-flows",
-        dest="udp_max_flows",
-        type=_typed(parse_int),
-        default=UNSET,
-        metavar="N",
-        help="most UDP flows at once; more are dropped (default "
-        f"{_shown(ProxyConfig, 'udp_max_flows')})",
-    )
-    u.add_argument(
-        "--udp-mtu",
-        dest="udp_mtu",
-        type=_typed(parse_int),
-        default=UNSET,
-        metavar="BYTES",
-        help="link MTU towards peers: larger app datagrams are dropped (default "
-        f"{_shown(ProxyConfig, 'udp_mtu')})",
-    )
     o = parser.add_argument_group("operation")
     o.add_argument(
         "-v",
@@ -422,6 +395,36 @@ def add_run_flags(parser: _Parser) -> None:
         metavar="N",
         help="TLS sessions kept to resume connections to peers, 0: off (default "
         f"{_shown(ProxyConfig, 'session_cache')})",
+    )
+    # Last, so that the usage line starts with the flags every user needs.
+    add_udp_flags(parser)
+    u = parser.add_argument_group("UDP flows (with --intercept-udp)")
+    u.add_argument(
+        "--udp-idle-timeout",
+        dest="udp_idle_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="a flow silent both ways this long ends (default "
+        f"{_shown(ProxyConfig, 'udp_idle_timeout')})",
+    )
+    u.add_argument(
+        "--udp-max-flows",
+        dest="udp_max_flows",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="N",
+        help="most UDP flows at once; more are dropped (default "
+        f"{_shown(ProxyConfig, 'udp_max_flows')})",
+    )
+    u.add_argument(
+        "--udp-mtu",
+        dest="udp_mtu",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="BYTES",
+        help="link MTU towards peers: larger app datagrams are dropped (default "
+        f"{_shown(ProxyConfig, 'udp_mtu')})",
     )
 
 
