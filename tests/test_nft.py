@@ -67,7 +67,7 @@ CONFIGS: dict[str, Interception] = {
         intercept_udp=True,
         intercept_dns=True,
         udp_ports=(5353, 4789),
-        udp_port=15002,
+        udp_listen_port=15002,
         dtls_port=15007,
     ),
 }
@@ -261,7 +261,7 @@ def test_every_tproxy_rule_is_followed_by_a_reject_for_the_same_match(name: str)
     if not ic.intercept_udp:
         assert udp == []
         return
-    u, d = ic.udp_port, ic.dtls_port
+    u, d = ic.udp_listen_port, ic.dtls_port
     assert udp == [
         f"{mark}meta l4proto udp tproxy ip to 127.0.0.1:{u} accept",
         f"{mark}meta l4proto udp tproxy ip6 to [::1]:{u} accept",

@@ -154,7 +154,7 @@ def _udp_sets(ic: Interception) -> list[str]:
 def _udp_egress_prerouting(ic: Interception) -> list[str]:
     if not ic.intercept_udp:
         return []
-    mark, port = ic.recirculate_mark, ic.udp_port
+    mark, port = ic.recirculate_mark, ic.udp_listen_port
     return [
         # A flow's later datagrams go to its own connected socket (tproxy's
         # established lookup), the first ones to the listener.

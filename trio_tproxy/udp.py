@@ -65,6 +65,8 @@ RECV_SIZE: Final = 65536
 INBOX: Final = 256
 #: Seconds a refused egress flow drops its app's datagrams before trying again.
 REFUSAL_HOLD: Final = 1.0
+#: Seconds between two "flow table full" warnings.
+TABLE_FULL_WARN_EVERY: Final = 10.0
 _IP_OVERHEAD: Final[dict[int, int]] = {_stdsocket.AF_INET: 20 + 8, _stdsocket.AF_INET6: 40 + 8}
 _LOOPBACK: Final[dict[int, str]] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
 
@@ -172,6 +174,7 @@ class UDPService:
             fam: config.udp_mtu - overhead for fam, overhead in _IP_OVERHEAD.items()
         }
         self.bound: dict[str, list[Address]] = {"udp": [], "dtls": []}
+        self._full_warned_at: float | None = None
 
     # -- sockets -----------------------------------------------------------------
 
@@ -242,9 +245,20 @@ class UDPService:
         """A new flow in the table, or None (counted) when it is full."""
         flow = new_flow(direction, src, dst)
         if not self.table.add((src, dst), flow):
-            self.stats["drop_table_full"] += 1
+            self._table_full()
             return None
         return flow
+
+    def _table_full(self) -> None:
+        self.stats["drop_table_full"] += 1
+        now = trio.current_time()
+        if self._full_warned_at is None or now - self._full_warned_at >= TABLE_FULL_WARN_EVERY:
+            self._full_warned_at = now
+            log.warning(
+                "udp flow table full (%d flows, --udp-max-flows): datagrams of new flows "
+                "are dropped until one ends",
+                len(self.table),
+            )
 
     async def _egress_listener(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         table = self.table
@@ -281,7 +295,7 @@ class UDPService:
                 flow.deliver(data)
                 continue
             if len(table) >= table.limit:
-                self.stats["drop_table_full"] += 1
+                self._table_full()
                 continue
             mtu = self.mtu[_family(dst[0])]
             conn, replies = dtls.listen(server, data, dtls.flow_bytes(src, dst), mtu)
@@ -496,6 +510,7 @@ class UDPService:
         if flow.outcome == "reported":
             return
         direction, stats = flow.direction, self.stats
+        drops = ",".join(f"{reason.replace(' ', '_')}:{n}" for reason, n in flow.drops.items())
         for reason, count in flow.drops.items():
             stats[f"drop_{reason.replace(' ', '_')}"] += count
         flow.drops.clear()
@@ -517,7 +532,7 @@ class UDPService:
         if conn_log.isEnabledFor(logging.INFO):
             conn_log.info(
                 "udp %s %s -> %s peer=%s %s sent=%dp/%dB received=%dp/%dB duration=%.3fs "
-                "outcome=%s%s",
+                "outcome=%s%s%s",
                 direction,
                 fmt_addr(flow.src),
                 fmt_addr(flow.dst),
@@ -529,6 +544,7 @@ class UDPService:
                 flow.received_bytes,
                 trio.current_time() - flow.start,
                 flow.outcome,
+                f" drops={drops}" if drops else "",
                 f" ({flow.detail})" if flow.detail else "",
             )
         flow.outcome = "reported"
