@@ -180,6 +180,45 @@ def source_address_cmsg(host: str) -> tuple[int, int, bytes]:
     return SOL_IP, IP_PKTINFO, struct.pack("=i4s4x", 0, socket.inet_pton(socket.AF_INET, host))
 
 
+#: IPV6_CHECKSUM: the kernel computes a raw IPv6 socket's checksum at this offset.
+IPV6_CHECKSUM: Final = getattr(socket, "IPV6_CHECKSUM", 7)
+_UDP_HEADER: Final = struct.Struct("!HHHH")  # source port, destination port, length, checksum
+_UDP_CHECKSUM_OFFSET: Final = 6
+
+
+def raw_udp_socket(family: int, mark: int) -> socket.socket:
+    """A raw UDP socket that sends datagrams with any source address and port.
+
+    For a flow whose reply socket cannot bind the original destination: the
+    app itself holds a wildcard socket on that port number, and a bind
+    conflicts whatever the address. The source address comes from IP(V6)_PKTINFO
+    (IP_TRANSPARENT lets it be a foreign one), the source port from the UDP
+    header we write. IPv4's UDP checksum is left 0 ("none", RFC 768); IPv6
+    requires one and the kernel computes it (IPV6_CHECKSUM). It never reads:
+    a raw socket gets a copy of every UDP datagram, so its buffer is the
+    smallest the kernel allows.
+    """
+    sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    try:
+        set_transparent(sock)
+        set_mark(sock, mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, _UDP_CHECKSUM_OFFSET)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def raw_udp_datagram(
+    src: tuple[str, int], dst: tuple[str, int], data: bytes
+) -> tuple[list[bytes], list[tuple[int, int, bytes]], tuple[str, int]]:
+    """``sendmsg`` arguments that send ``data`` from ``src`` to ``dst`` on a raw UDP socket."""
+    header = _UDP_HEADER.pack(src[1], dst[1], _UDP_HEADER.size + len(data), 0)
+    return [header, data], [source_address_cmsg(src[0])], (dst[0], 0)
+
+
 # --------------------------------------------------------------------------- routing
 
 

@@ -7,12 +7,16 @@ and learn each datagram's original destination from ``IP(V6)_ORIGDSTADDR``.
 
 A *flow* is (source, original destination). Its life, in one task:
 
-* **egress** (app A -> B): a *reply socket* bound (IP_TRANSPARENT) to the
-  original destination and connected to the app, so the app's later
-  datagrams come straight to it (TPROXY finds connected sockets first) and
-  the answers it sends carry the peer's real address; a *peer socket*
-  connected to ``<destination IP>:<dtls-port>``; a DTLS client handshake that
-  names the original port in ALPN (:mod:`.dtls`); then three pumps.
+* **egress** (app A -> B): a *peer socket* connected to
+  ``<destination IP>:<dtls-port>``, a DTLS client handshake that names the
+  original port in ALPN (:mod:`.dtls`), then two pumps. The app's datagrams
+  all come through the listener (a dict lookup and a channel send each);
+  answers go back through one raw UDP socket per family, written with the
+  original destination as source address and port, so the app sees its
+  peer's real address. Not a socket bound (IP_TRANSPARENT) to that
+  destination: it would hold the port number in this namespace, and an app
+  binding that port (wildcard) would fail with EADDRINUSE while the flow
+  lives, or make the flow fail if it bound first (symmetric-port protocols).
 * **ingress** (B): the DTLS listener answers a first ClientHello with a
   stateless cookie; only a ClientHello that echoes it creates a flow. Its
   socket is bound (IP_TRANSPARENT) to ``<pod IP>:<dtls-port>`` and connected
@@ -175,6 +179,8 @@ class UDPService:
         }
         self.bound: dict[str, list[Address]] = {"udp": [], "dtls": []}
         self._full_warned_at: float | None = None
+        #: Raw UDP senders by family, made when a flow first needs one (see _reply_path).
+        self._raw: dict[int, trio.socket.SocketType] = {}
 
     # -- sockets -----------------------------------------------------------------
 
@@ -231,6 +237,8 @@ class UDPService:
         finally:
             for _, sock in listeners:
                 sock.close()
+            for raw in self._raw.values():
+                raw.close()
 
     async def _receive(self, sock: trio.socket.SocketType) -> tuple[bytes, Address, Address] | None:
         """One datagram with its source and original destination (None: dropped)."""
@@ -318,9 +326,7 @@ class UDPService:
         family = _family(flow.dst[0])
         sockets: list[trio.socket.SocketType] = []
         try:
-            # First, so the app's next datagrams come to this flow directly.
-            reply = await self._socket(family, bind=flow.dst, connect=flow.src, transparent=True)
-            sockets.append(reply)
+            deliver = self._reply_path(flow, family)
             peer = await self._socket(family, connect=(flow.dst[0], self.dtls_port))
             sockets.append(peer)
             mtu = self.mtu[family]
@@ -336,9 +342,8 @@ class UDPService:
             flow.peer, flow.info = identity.description, assoc.info
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._to_peer, flow, assoc, flow.outbox.receive, peer.send)
-                nursery.start_soon(self._to_peer, flow, assoc, _recv(reply), peer.send)
                 nursery.start_soon(
-                    self._from_peer, flow, assoc, _recv(peer), reply.send, peer.send, nursery
+                    self._from_peer, flow, assoc, _recv(peer), deliver, peer.send, nursery
                 )
                 nursery.start_soon(self._idle, flow, nursery)
             await _close_notify(assoc, peer)
@@ -362,6 +367,28 @@ class UDPService:
             for sock in sockets:
                 sock.close()
             self._report(flow)
+
+    def _reply_path(self, flow: Flow, family: int) -> Callable[[bytes], Awaitable[object]]:
+        """How this flow sends to the app: from the original destination's address
+        and port, through the shared raw socket (see :func:`kernel.raw_udp_socket`).
+
+        Not a socket bound there: a transparent socket bound to a foreign
+        address still holds its port number, so the app could not bind that
+        port (wildcard) while the flow lives, nor could the flow bind it if
+        the app had (symmetric-port protocols: NTP, gossip).
+        """
+        raw = self._raw.get(family)
+        if raw is None:
+            raw = self._raw[family] = trio.socket.from_stdlib_socket(
+                kernel.raw_udp_socket(family, self.mark)
+            )
+        src, dst = flow.dst, flow.src
+
+        async def send_raw(data: bytes) -> object:
+            buffers, ancdata, address = kernel.raw_udp_datagram(src, dst, data)
+            return await raw.sendmsg(buffers, ancdata, 0, address)
+
+        return send_raw
 
     async def _ingress_flow(self, flow: Flow, conn: SSL.Connection) -> None:
         family = _family(flow.dst[0])
