@@ -267,7 +267,12 @@ def test_egress_udp_no_listener_takes_is_refused_not_sent(lab, family):
     rules = [py, "-m", "trio_tproxy", "rules"]
     out = lab.topology.run("outside", [*rules, "apply", "--intercept-udp"])
     assert out.returncode == 0, out.stderr
+    # an app in the same pod on that port must not get the datagram either
+    local = socket_in(lab.host("outside").netns, socket.AF_INET6, socket.SOCK_DGRAM)
     try:
+        local.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        local.bind(("::", ECHO))
+        local.setblocking(False)
         marker = b"must-not-leave-" + os.urandom(4).hex().encode()
         with lab.capture(f"udp-noleave-{family}", "udp") as pcap:
             with client(lab, family, pod="outside", timeout=3) as sock:
@@ -277,7 +282,10 @@ def test_egress_udp_no_listener_takes_is_refused_not_sent(lab, family):
                 with pytest.raises(refused):
                     sock.recv(100)
         assert not any(marker in d[4] for d in udp_payloads(pcap))
+        with pytest.raises(BlockingIOError):
+            local.recv(100)
     finally:
+        local.close()
         out = lab.topology.run("outside", [*rules, "delete", "--intercept-udp"])
         assert out.returncode == 0, out.stderr
 
@@ -323,7 +331,7 @@ def test_ten_thousand_datagrams_of_mixed_sizes_arrive_whole(lab, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lost_datagrams_stay_lost_and_what_arrives_is_unchanged(lab, family):
-    """30% of the DTLS datagrams into B are dropped (nft numgen): the handshake
+    """20% of the DTLS datagrams into B are dropped (nft numgen): the handshake
     gets through on OpenSSL's retransmissions; each echo that arrives is one we
     sent, unchanged, once; nothing is resent."""
     b = addr(lab.host("b"), family)
@@ -331,7 +339,7 @@ def test_lost_datagrams_stay_lost_and_what_arrives_is_unchanged(lab, family):
         "table inet udploss {\n"
         "  chain pre {\n"
         "    type filter hook prerouting priority -400; policy accept;\n"
-        f"    udp dport {DTLS_PORT} numgen random mod 10 < 3 drop\n"
+        f"    udp dport {DTLS_PORT} numgen random mod 10 < 2 drop\n"
         "  }\n"
         "}\n"
     )
@@ -342,7 +350,8 @@ def test_lost_datagrams_stay_lost_and_what_arrives_is_unchanged(lab, family):
         with client(lab, family, timeout=2) as sock:
             sock.connect((b, ECHO))
             # the first datagram waits for the handshake, which may take retransmissions
-            deadline = time.monotonic() + 15
+            # (a handshake whose flights are lost four times fails after 10 s; then another)
+            deadline = time.monotonic() + 25
             while True:
                 sock.send(b"hello")
                 try:
@@ -365,7 +374,7 @@ def test_lost_datagrams_stay_lost_and_what_arrives_is_unchanged(lab, family):
         lab.topology.run("b", ["nft", "delete", "table", "inet", "udploss"])
     assert len(got) == len(set(got)), "a datagram arrived twice"
     assert set(got) <= set(sent), "a datagram arrived changed"
-    assert 0.4 * len(sent) < len(got) < 0.95 * len(sent), len(got)
+    assert 0.6 * len(sent) < len(got) < 0.97 * len(sent), len(got)
 
 
 def test_flow_table_bound_and_idle_expiry(lab):
@@ -402,7 +411,12 @@ def test_flow_table_bound_and_idle_expiry(lab):
 STEPS = st.lists(
     st.tuples(
         st.sampled_from(["a->b", "b->a"]),
-        st.integers(min_value=1, max_value=MAX_DATAGRAM["ipv6"]),
+        # small ones, large ones near the limit, and the extremes, all often
+        st.one_of(
+            st.integers(min_value=1, max_value=64),
+            st.integers(min_value=1000, max_value=MAX_DATAGRAM["ipv6"]),
+            st.sampled_from([1, MAX_DATAGRAM["ipv6"]]),
+        ),
         st.sampled_from([0.0, 0.0, 0.02, 0.2, IDLE + 0.3]),
     ),
     min_size=1,
@@ -419,7 +433,7 @@ def test_property_any_datagram_sequence_arrives_unchanged(lab, family):
     ports = {"a": ECHO_A, "b": ECHO}
 
     @settings(
-        max_examples=6,
+        max_examples=10,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,

@@ -183,6 +183,8 @@ def source_address_cmsg(host: str) -> tuple[int, int, bytes]:
 #: IPV6_CHECKSUM: the kernel computes a raw IPv6 socket's checksum at this offset.
 IPV6_CHECKSUM: Final = getattr(socket, "IPV6_CHECKSUM", 7)
 _UDP_HEADER: Final = struct.Struct("!HHHH")  # source port, destination port, length, checksum
+_UDP_PORTS: Final = struct.Struct("!HH")
+_UDP_TAIL: Final = struct.Struct("!HH")
 _UDP_CHECKSUM_OFFSET: Final = 6
 
 
@@ -211,12 +213,14 @@ def raw_udp_socket(family: int, mark: int) -> socket.socket:
     return sock
 
 
-def raw_udp_datagram(
-    src: tuple[str, int], dst: tuple[str, int], data: bytes
-) -> tuple[list[bytes], list[tuple[int, int, bytes]], tuple[str, int]]:
-    """``sendmsg`` arguments that send ``data`` from ``src`` to ``dst`` on a raw UDP socket."""
-    header = _UDP_HEADER.pack(src[1], dst[1], _UDP_HEADER.size + len(data), 0)
-    return [header, data], [source_address_cmsg(src[0])], (dst[0], 0)
+def raw_udp_ports(src_port: int, dst_port: int) -> bytes:
+    """The first half of a UDP header (the same for every datagram of a flow)."""
+    return _UDP_PORTS.pack(src_port, dst_port)
+
+
+def raw_udp_tail(payload_length: int) -> bytes:
+    """The second half of a UDP header: length, and checksum 0 (IPv4: none; IPv6: the kernel's)."""
+    return _UDP_TAIL.pack(_UDP_HEADER.size + payload_length, 0)
 
 
 # --------------------------------------------------------------------------- routing

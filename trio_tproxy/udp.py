@@ -382,11 +382,14 @@ class UDPService:
             raw = self._raw[family] = trio.socket.from_stdlib_socket(
                 kernel.raw_udp_socket(family, self.mark)
             )
-        src, dst = flow.dst, flow.src
+        # Per flow, once: the source (PKTINFO), the address; per datagram only the header.
+        ancdata, address = [kernel.source_address_cmsg(flow.dst[0])], (flow.src[0], 0)
+        ports = kernel.raw_udp_ports(flow.dst[1], flow.src[1])
 
         async def send_raw(data: bytes) -> object:
-            buffers, ancdata, address = kernel.raw_udp_datagram(src, dst, data)
-            return await raw.sendmsg(buffers, ancdata, 0, address)
+            return await raw.sendmsg(
+                [ports + kernel.raw_udp_tail(len(data)), data], ancdata, 0, address
+            )
 
         return send_raw
 
