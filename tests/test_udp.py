@@ -478,3 +478,20 @@ def test_an_app_sending_from_the_port_it_sends_to(lab, family):
             sock.sendto(message, (target, ECHO))
             data, source = sock.recvfrom(65535)
             assert data == message and source[:2] == (target, ECHO)
+
+
+def test_a_peer_outside_the_trust_domain_is_refused(lab):
+    """Chain-valid (our CA), identity-invalid: refused by the identity check, as for TCP."""
+    b = lab.host("b").ip4
+    since = offsets(lab)
+    lab.start_sidecar("outside", *UDP_FLAGS, identity="b-evil-domain")
+    try:
+        with client(lab, "ipv4", pod="outside", timeout=3) as sock:
+            sock.connect((b, ECHO))
+            sock.send(b"from another trust domain")
+            with pytest.raises(TimeoutError):
+                sock.recv(100)
+        refused = wait_for_log(lab, "b", r"udp ingress \S+ -> \S+ refused: ", since["b"])
+        assert "identity rejected" in refused and "evil.example" in refused, refused
+    finally:
+        lab.stop_sidecar("outside")
