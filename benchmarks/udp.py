@@ -8,7 +8,8 @@ two-pod lab (lab.pods.PodLab), starts ``trio-tproxy run --intercept-udp`` in
 both pods and ``lab/apps.py udp-echo-server`` in B, then runs ``udp-rr`` in A
 twice per repetition: to B's cluster address (intercepted: app -> sidecar A
 -> DTLS -> sidecar B -> app, and back) and to B's address outside the
-cluster ranges (not intercepted: plaintext, same sockets, same bridge). It
+cluster ranges (not intercepted by A; B's sidecar lets the echo port through
+with ``--exclude-udp-port``: plaintext, same sockets, same bridge). It
 prints the medians and the ratios (sidecars / plaintext) and writes them as
 JSON to ``benchmarks/results/udp-<timestamp>.json``.
 
@@ -57,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="tpt-udp-bench-") as work,
         PodLab(Path(work), prefix=next_prefix()) as lab,
     ):
-        for pod in ("a", "b"):
-            lab.start_sidecar(pod, "-v", "0", "--intercept-udp")
+        lab.start_sidecar("a", "-v", "0", "--intercept-udp")
+        # B's sidecar refuses plaintext UDP on every port but the excluded ones:
+        # the plaintext baseline reaches the same server through that exclusion.
+        lab.start_sidecar("b", "-v", "0", "--intercept-udp", "--exclude-udp-port", str(ECHO))
         lab.start_app(
             "b",
             sys.executable,
