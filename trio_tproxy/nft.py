@@ -56,8 +56,8 @@ every stack turns it into ECONNREFUSED at once. ICMP port unreachable is not
 TCP's answer, admin-prohibited is a soft error (RFC 1122, RFC 1812: many
 stacks retry until their connect timeout) and is often filtered on the way,
 and ICMP does not end an established flow (RFC 5927). ICMP is what a UDP peer
-expects, but only TCP is intercepted, so no other protocol reaches these
-rules. The whole table is one transaction: it is loaded with its refusals, or
+expects: with ``--intercept-udp`` (and only then) UDP has rules of its own,
+refused with ICMP port unreachable (see the UDP helpers below render). The whole table is one transaction: it is loaded with its refusals, or
 not at all.
 
 Every set is always declared, empty or not, so the table has one shape whatever
