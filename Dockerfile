@@ -1,16 +1,26 @@
-# trio-tproxy sidecar image.  Needs NET_ADMIN in the pod, nothing on the node.
-FROM python:3.11-slim-bookworm
+# trio-tproxy image: the sidecar (`run`), the admission webhook (`webhook`) and
+# `inject`.  Debian bookworm's python3 in a venv: the same FROM builds from the
+# public image on any machine and from an offline-made base here
+# (lab/image.py; ../shared/CONTAINERS.md).
+FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iproute2 \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends python3 python3-venv nftables iproute2 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 WORKDIR /src
 # Only the runtime package: the test lab (lab/, tests/, fuzz/, benchmarks/) stays out
 # of the image (.dockerignore too), and `trio-tproxy demo` says where it lives instead.
 COPY pyproject.toml README.md ./
 COPY trio_tproxy ./trio_tproxy
-RUN pip install --no-cache-dir . && rm -rf /src
-# Root inside the container's user namespace is needed only for NET_ADMIN;
-# the pod spec drops every other capability.
+RUN python3 -m venv /opt/trio-tproxy \
+ && /opt/trio-tproxy/bin/pip install --no-cache-dir --disable-pip-version-check . \
+ && /opt/trio-tproxy/bin/pip uninstall -y -q pip setuptools \
+ && rm -rf /src
+ENV PATH=/opt/trio-tproxy/bin:$PATH PYTHONDONTWRITEBYTECODE=1
+WORKDIR /
+# Non-root by default: the webhook and `inject` need nothing more.  The sidecar
+# runs as uid 0 (the injected pod spec says runAsUser: 0) with NET_ADMIN alone:
+# nft, policy routes, IP_TRANSPARENT and SO_MARK need it, and Kubernetes grants
+# added capabilities to root only (no ambient capabilities for other users).
+USER 65532:65532
 ENTRYPOINT ["trio-tproxy"]
-CMD ["run", "--cert", "/etc/trio-tproxy/tls.crt", "--key", "/etc/trio-tproxy/tls.key", \
-     "--ca-cert", "/etc/trio-tproxy/ca.crt"]
+CMD ["--help"]

@@ -3,6 +3,7 @@
 #   bash dev.sh demo    two pods talking mTLS through the sidecars (network namespaces)
 #   bash dev.sh test    lint, types, unit tests, the fuzz campaign and the netns suite
 #                       (under CI=true also the fresh-machine check of the quick start)
+#   bash dev.sh image   build the Dockerfile with podman and run the demo through the image
 #   bash dev.sh fresh   the quick start in a brand-new Debian root filesystem
 #   bash dev.sh bench   the benchmarks (plaintext vs trio-tproxy vs stunnel vs haproxy)
 # Each installs what it needs first: system packages with apt-get, Python ones in
@@ -74,8 +75,15 @@ case "${1:-}" in
     python_env test,dev
     .venv/bin/tox run -e lint,types,unit,fuzz,netns
     if [[ ${CI:-} == true ]]; then
+      system_packages podman runc mmdebstrap
+      .venv/bin/tox run -e image
       exec bash .ci/fresh-machine
     fi
+    ;;
+  image)
+    need_root "$@"; system_packages podman runc mmdebstrap
+    python_env test,dev
+    shift; exec .venv/bin/tox run -e image -- "$@"
     ;;
   fresh)
     need_root "$@"
@@ -87,7 +95,7 @@ case "${1:-}" in
     shift; exec .venv/bin/python -m benchmarks "$@"
     ;;
   *)
-    echo "usage: bash dev.sh demo|test|fresh|bench" >&2
+    echo "usage: bash dev.sh demo|test|image|fresh|bench" >&2
     exit 2
     ;;
 esac

@@ -15,6 +15,12 @@ Servers (one dual-stack listener on [::] each; a thread per connection):
                                read to EOF; DELAY s later answer
                                "got N bytes sha256 H"; half-close; wait for EOF
     echo-server PORT           echo each connection until EOF, then half-close
+    peer-server PORT [HOST...] read to EOF, answer "peer IP PORT" (its getpeername(),
+                               IPv4-mapped shown as IPv4), half-close; on [::] or
+                               only on the HOSTs given (e.g. 127.0.0.1 ::1, or a pod IP)
+    tls-echo-server PORT CERT KEY
+                               the app's own TLS (no client certificate): echo until EOF
+    health-server PORT FILE    HTTP: 200 while FILE exists, 503 otherwise
     serve PORT                 the benchmark app in pod B; four listeners:
                                PORT   bulk: read an 8-byte size N, then send N bytes
                                       while reading to EOF; half-close
@@ -245,6 +251,63 @@ def serve_idle(srv: socket.socket) -> None:
                 pass
             sel.unregister(sock)
             sock.close()
+
+
+def handle_peer(conn: socket.socket) -> None:
+    host, port = conn.getpeername()[:2]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    read_to_eof(conn)
+    conn.sendall(f"peer {host} {port}\n".encode())
+    conn.shutdown(socket.SHUT_WR)
+
+
+def serve_peer(port: int, hosts: list[str]) -> None:
+    """The peer server on [::] (dual-stack), or only on each of ``hosts``."""
+    if not hosts:
+        serve_one(port, handle_peer)
+        return
+    for host in hosts:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        srv.bind((host, port))
+        srv.listen(128)
+        spawn(serve_thread_per_conn, srv, handle_peer)
+    print(f"peer server on {hosts} port {port}", flush=True)
+    threading.Event().wait()
+
+
+def serve_tls_echo(port: int, cert: str, key: str) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    srv = listen(port)
+
+    def handle(conn: socket.socket) -> None:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            while data := tls.recv(65536):
+                tls.sendall(data)
+
+    print(f"TLS echo on [::]:{port}", flush=True)
+    serve_thread_per_conn(srv, handle)
+
+
+def serve_health(port: int, flag: str) -> None:
+    def handle(conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and (more := conn.recv(4096)):
+            request += more
+        status = "200 OK" if os.path.exists(flag) else "503 Service Unavailable"
+        body = status.encode()
+        conn.sendall(
+            f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    serve_one(port, handle)
 
 
 def serve_one(port: int, handler: Callable[[socket.socket], None]) -> None:
@@ -551,6 +614,12 @@ def main(argv: list[str]) -> int:
         serve_one(int(args[0]), halfclose_handler(delay))
     elif cmd == "echo-server" and len(args) == 1:
         serve_one(int(args[0]), handle_echo)
+    elif cmd == "peer-server" and len(args) >= 1:
+        serve_peer(int(args[0]), args[1:])
+    elif cmd == "tls-echo-server" and len(args) == 3:
+        serve_tls_echo(int(args[0]), args[1], args[2])
+    elif cmd == "health-server" and len(args) == 2:
+        serve_health(int(args[0]), args[1])
     elif cmd == "halfclose-client" and len(args) == 3:
         answer = halfclose_client(args[0], int(args[1]), args[2].encode())
         sys.stdout.write(answer.decode())

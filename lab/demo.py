@@ -7,7 +7,8 @@ sidecars, an HTTP server and a half-close server in B.  A sends an HTTP
 request (curl) and a half-closed raw TCP exchange to B over IPv4 and IPv6,
 first with the sidecars off (the control: tcpdump on the bridge sees the
 plaintext marker), then through them (the marker is gone, only TLS records
-cross); a host without a sidecar is refused, and B's sidecar says why.
+cross); a host without a sidecar is refused, and B's sidecar says why.  It ends with
+an excerpt of both sidecars' ``/metrics`` and ``trio-tproxy doctor`` in pod A.
 
 The demo is part of the test lab: ``trio-tproxy demo`` (trio_tproxy/cli.py)
 registers the command and imports this module only when it runs, so the
@@ -70,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sigterm_unwinds()  # SIGTERM ends the demo like Ctrl-C: the teardown always runs
         started = time.monotonic()
         try:
-            with PodLab(workdir) as lab:
+            with PodLab(workdir, sidecar_image=getattr(args, "image", None)) as lab:
                 return _demo(lab, started)
         except KeyboardInterrupt:
             print("\ninterrupted: everything was torn down")
@@ -147,6 +148,7 @@ def _demo(lab: PodLab, started: float) -> int:
         f"Sidecars on: {len(protected.wire)} bytes captured, {tls_records} TLS "
         f"application-data records, marker seen {seen} times."
     )
+    ok &= _metrics_and_doctor(lab)
     lines = {pod: len(_CONN_LINE.findall(lab.sidecars[pod].log())) for pod in ("a", "b")}
     codes = {pod: lab.stop_sidecar(pod) for pod in ("a", "b")}
     ok &= seen == 0 and tls_records > 0 and lines["a"] >= 4 and lines["b"] >= 4
@@ -157,6 +159,35 @@ def _demo(lab: PodLab, started: float) -> int:
     )
     print(f"{'OK' if ok else 'FAILED'}: demo took {time.monotonic() - started:.1f}s")
     return 0 if ok else 1
+
+
+#: The /metrics lines the demo prints (the rest are histograms' buckets and process metrics).
+_SHOWN_METRICS = re.compile(
+    r"^trio_tproxy_(connections_total|bytes_total|refusals_total|active_connections|"
+    r"handshake_duration_seconds_count)\b.*",
+    re.M,
+)
+
+
+def _metrics_and_doctor(lab: PodLab) -> bool:
+    """A few lines of each sidecar's /metrics, then ``trio-tproxy doctor`` in pod A."""
+    print()
+    for pod in ("a", "b"):
+        scrape = lab.topology.run(pod, ["curl", "-sS", "-m", "5", "http://127.0.0.1:15020/metrics"])
+        print(f"{pod.upper()}'s sidecar, curl http://127.0.0.1:15020/metrics (excerpt):")
+        for match in _SHOWN_METRICS.finditer(scrape.stdout):
+            print(f"  {match.group(0)}")
+    files = lab.files["a"]
+    b = lab.host("b")
+    argv = [sys.executable, "-m", "trio_tproxy", "doctor", "--cert", str(files.cert)]
+    argv += ["--key", str(files.key), "--ca-cert", str(files.ca_cert)]
+    argv += ["--peer", f"{b.ip4}:{HTTP_PORT}"]
+    print()
+    print("trio-tproxy doctor --peer B:8080, run inside pod A:")
+    doctor = lab.topology.run("a", argv)
+    for line in doctor.stdout.splitlines():
+        print(f"  {line}")
+    return doctor.returncode == 0
 
 
 def _exchange(lab: PodLab, marker: str) -> bool:

@@ -83,8 +83,13 @@ class Sidecar:
 class PodLab:
     """``with PodLab(workdir) as lab:`` builds everything; leaving removes it all."""
 
-    def __init__(self, workdir: Path, *, prefix: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, prefix: str | None = None, sidecar_image: str | None = None
+    ) -> None:
+        """``sidecar_image``: run the sidecars as containers of that image (lab.image)."""
         self.workdir = workdir
+        self.sidecar_image = sidecar_image
+        self._containers: list[str] = []
         self.topology = Topology(prefix=prefix)
         self.files: dict[str, TLSFiles] = {}
         self.sidecars: dict[str, Sidecar] = {}
@@ -130,15 +135,17 @@ class PodLab:
     def sidecar_command(self, identity: str) -> list[str]:
         """``trio-tproxy run`` with ``identity``'s certificate, key and our CA."""
         files = self.files[identity]
+        own = (
+            ["--credential-bundle", str(files.cert)]
+            if files.is_bundle
+            else ["--cert", str(files.cert), "--key", str(files.key)]
+        )
         return [
             sys.executable,
             "-m",
             "trio_tproxy",
             "run",
-            "--cert",
-            str(files.cert),
-            "--key",
-            str(files.key),
+            *own,
             "--ca-cert",
             str(files.ca_cert),
             "--trust-domain",
@@ -150,21 +157,33 @@ class PodLab:
     ) -> Sidecar:
         """Run ``trio-tproxy run`` in ``pod``'s namespace; return once it logged "ready"."""
         log_path = self.workdir / f"sidecar-{pod}.log"
+        # -v 1 to prove interception in the logs; a fast route check for tests
+        argv = [
+            *self.sidecar_command(identity or pod),
+            "-v",
+            "1",
+            "--route-check-interval",
+            "0.5",
+            *flags,
+        ]
         with open(log_path, "ab") as log:
-            process = self.topology.popen(
-                pod,
-                # -v 1 to prove interception in the logs; a fast route check for tests
-                [
-                    *self.sidecar_command(identity or pod),
-                    "-v",
-                    "1",
-                    "--route-check-interval",
-                    "0.5",
-                    *flags,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+            if self.sidecar_image is None:
+                process = self.topology.popen(pod, argv, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                from . import image
+
+                # podman runs in the root namespace and puts the container in the pod's;
+                # SIGTERM to podman reaches the sidecar (podman proxies signals).
+                name = f"{self.host(pod).netns}-sidecar"
+                self._containers.append(name)
+                process = subprocess.Popen(
+                    image.run_argv(
+                        self.sidecar_image, self.host(pod).netns, self.workdir, name, argv[3:]
+                    ),  # fmt: skip
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=image.podman_env(),
+                )
         sidecar = Sidecar(pod, process, log_path)
         self.sidecars[pod] = sidecar
         offset = len(sidecar.log())
@@ -226,6 +245,11 @@ class PodLab:
                 self.stop_sidecar(pod)
             except Exception:  # noqa: BLE001 - teardown must go on
                 pass
+        if self._containers:
+            from . import image
+
+            for name in self._containers:  # a container would keep its namespace alive
+                image.remove_container(name)
         self.topology.destroy()
 
 
@@ -296,12 +320,19 @@ class Pods:
         try:
             with trio.fail_after(10):
                 await client.connect((dst, self.PORT))
-                server, _ = await listener.accept()
+                server, peer = await listener.accept()
         except BaseException:
             client.close()
             raise
         finally:
             listener.close()
+        # B's sidecar keeps the client address (the default): app B sees app A's.
+        a = self.lab.host("a")
+        seen = str(peer[0]).removeprefix("::ffff:")
+        if seen != (a.ip4 if self.family == socket.AF_INET else a.ip6):
+            client.close()
+            server.close()
+            raise AssertionError(f"app B saw the connection from {seen}, not from pod A")
         client_stream, server_stream = trio.SocketStream(client), trio.SocketStream(server)
         try:
             yield client_stream, server_stream

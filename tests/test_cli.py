@@ -111,7 +111,20 @@ def test_interception_flags_build_the_config():
         ipaddress.ip_network("10.96.0.0/12"),
         ipaddress.ip_network("fd00::/8"),
     )
-    assert ic.exclude_inbound_ports == (8081,) and ic.exclude_outbound_ports == (53,)
+    # The admin port (default 15020) is always excluded from inbound interception.
+    assert ic.exclude_inbound_ports == (8081, 15020) and ic.exclude_outbound_ports == (53,)
+
+
+def test_admin_port_is_excluded_from_inbound_interception_unless_off():
+    def inbound(*flags: str) -> tuple[int, ...]:
+        args = build_parser().parse_args(["rules", "show", *flags])
+        return interception_from(args).exclude_inbound_ports
+
+    assert inbound() == (15020,)
+    assert inbound("--admin-port", "9901", "--exclude-inbound-port", "80") == (80, 9901)
+    assert inbound("--admin-port", "0") == ()
+    out = run_cli("rules", "show", "--admin-port", "70000")
+    assert out.returncode == 2 and "--admin-port" in out.stderr
 
 
 def test_rules_show_prints_the_table_and_the_routes():
@@ -122,10 +135,12 @@ def test_rules_show_prints_the_table_and_the_routes():
     )
     assert out.stdout == Installer(interception_from(args)).show()
     assert "table inet trio_tproxy {" in out.stdout
-    assert out.stdout.splitlines()[-5:] == [
+    assert out.stdout.splitlines()[-7:] == [
         "ip link set lo up",
         "ip rule add fwmark 10 iif lo lookup 77",
         "ip -6 rule add fwmark 10 iif lo lookup 77",
+        "ip rule add fwmark 13 iif lo lookup 77",
+        "ip -6 rule add fwmark 13 iif lo lookup 77",
         "ip route add local 0.0.0.0/0 dev lo table 77",
         "ip -6 route add local ::/0 dev lo table 77",
     ]
@@ -174,6 +189,14 @@ def test_rules_show_prints_the_table_and_the_routes():
             "trio-tproxy rules: error: unrecognized arguments: --x 1",
         ),
         (["run"], "the following arguments are required: --cert/-cert, --key/-key, --ca-cert"),
+        (
+            ["run", "--credential-bundle", "b.pem"],
+            "the following arguments are required: --ca-cert",
+        ),
+        (
+            ["run", *FILES, "--credential-bundle", "b.pem"],
+            "--credential-bundle replaces --cert and --key",
+        ),
         (["rules", "show", "--tcp-port", "5", "--tls-port", "5"], "both 5"),
         (["rules", "show", "--table", "1abc"], "invalid nft table name"),
         (
@@ -213,10 +236,14 @@ def test_missing_certificate_explains_how_to_make_one():
 def test_run_help_shows_required_files_and_documents_every_flag():
     out = run_cli("run", "--help")
     assert out.returncode == 0
-    usage = out.stdout.split("\n\n", 1)[0]
-    # Required flags are the ones argparse prints without brackets.
-    for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT"):
-        assert flag in usage and f"[{flag}]" not in usage
+    usage = " ".join(out.stdout.split("\n\n", 1)[0].split())  # argparse wraps anywhere
+    # Which files are required is said by the group's title (argparse cannot
+    # express "--cert and --key, or --credential-bundle").
+    for flag in ("--cert CERT", "--key KEY", "--ca-cert CA_CERT", "--credential-bundle PATH"):
+        assert flag in usage
+    assert (
+        "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)" in out.stdout
+    )
     for flag in (
         "--handshake-timeout",
         "--connect-timeout",
@@ -240,7 +267,9 @@ def test_help_defaults_come_from_the_dataclasses(monkeypatch):
 def test_flags_not_given_leave_the_dataclass_defaults():
     args = build_parser().parse_args(["run", *FILES])
     tls = TLSFiles(Path("c.pem"), Path("k.pem"), Path("ca.pem"))
-    assert config_from(args) == ProxyConfig(tls=tls)
+    # The one difference: the admin port (on by default) is excluded from interception.
+    admin = Interception(exclude_inbound_ports=(ProxyConfig.admin_port,))
+    assert config_from(args) == ProxyConfig(tls=tls, interception=admin)
     given = build_parser().parse_args(
         ["run", *FILES, "--no-rules", "--rules-wait", "3", "--session-cache", "0", "-v", "2"]
         + ["--connect-timeout", "1.5", "--allow-id", "spiffe://cluster.local/ns/x/"]

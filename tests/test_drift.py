@@ -525,6 +525,8 @@ class Installed:
 RULE4 = "ip rule fwmark 10 iif lo lookup 10"
 RULE6 = "ip -6 rule fwmark 10 iif lo lookup 10"
 ROUTE6 = "ip -6 route local ::/0 dev lo table 10"
+KEEP4 = "ip rule fwmark 13 iif lo lookup 10"
+KEEP6 = "ip -6 rule fwmark 13 iif lo lookup 10"
 INCIDENTS = [
     ("nft delete table", ["nft", "delete", "table", "inet", TABLE], f"nft table inet {TABLE}"),
     ("nft flush ruleset", ["nft", "flush", "ruleset"], f"nft table inet {TABLE}"),
@@ -535,6 +537,13 @@ INCIDENTS = [
         RULE6,
     ),
     ("ip -6 route del", ["ip", "-6", "route", "del", "local", "::/0", "table", "10"], ROUTE6),
+    # the client-address rules (preserve mark 13)
+    ("ip rule del 13", ["ip", "rule", "del", "fwmark", "13", "iif", "lo", "lookup", "10"], KEEP4),
+    (
+        "ip -6 rule del 13",
+        ["ip", "-6", "rule", "del", "fwmark", "13", "iif", "lo", "lookup", "10"],
+        KEEP6,
+    ),
     ("lo down; lo up", ["sh", "-c", "ip link set lo down; ip link set lo up"], ROUTE6),
 ]
 

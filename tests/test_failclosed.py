@@ -178,6 +178,13 @@ def bracket(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+def logged_dst(ip: str, port: int) -> str:
+    """A regex for how the sidecar logs ``ip:port`` (link-local IPv6 with its scope)."""
+    if ":" not in ip:
+        return re.escape(f"{ip}:{port}")
+    return re.escape(f"[{ip}") + r"(%[\w.-]+)?" + re.escape(f"]:{port}")
+
+
 @contextmanager
 def interception_without_sidecar(lab: PodLab, pod: str, how: str) -> Iterator[None]:
     """``pod`` has its table and routes loaded and no sidecar listening."""
@@ -383,7 +390,7 @@ def test_ingress_to_any_pod_address_is_mtls(lab, family, kind):
         end, received, _ = connect_and_send(lab, "outside", b, ECHO, secret)
         assert secret not in received, "B's app echoed plaintext"
         assert end in ("eof", "reset"), end
-        line = wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(bracket(b, ECHO))} ", since)
+        line = wait_for_log(lab, "b", rf"ingress \S+ -> {logged_dst(b, ECHO)} ", since)
         assert "refused" in line and ("not TLS" in line or "TLS handshake failed" in line), line
         # mTLS to the same address reaches the app (-k: no SAN for these addresses).
         files = lab.files["outside"]
@@ -410,7 +417,7 @@ def test_ingress_to_the_sidecar_ports_goes_to_the_tls_listener(lab, family, port
             secret = marker("own-port")
             end, received, _ = connect_and_send(lab, "outside", b, port, secret)
             assert secret not in received and end in ("eof", "reset"), (kind, end, received)
-            line = wait_for_log(lab, "b", rf"ingress \S+ -> {re.escape(bracket(b, port))} ", since)
+            line = wait_for_log(lab, "b", rf"ingress \S+ -> {logged_dst(b, port)} ", since)
             assert "refused" in line, line
             assert "egress" not in lab.sidecars["b"].log()[since:], "the egress listener was hit"
     with interception_without_sidecar(lab, "b", "sigkill"):

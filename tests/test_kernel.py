@@ -31,6 +31,7 @@ import trio
 
 from lab.netns import next_prefix, scratch_netns, socket_in
 from lab.require import skip_or_fail
+from trio_tproxy.cli import build_parser, interception_from
 from trio_tproxy.config import Interception
 from trio_tproxy.interception import Installer
 from trio_tproxy.kernel import (
@@ -50,12 +51,20 @@ ROUTE4 = "ip route local 0.0.0.0/0 dev lo table 10"
 ROUTE6 = "ip -6 route local ::/0 dev lo table 10"
 RULE4 = "ip rule fwmark 10 iif lo lookup 10"
 RULE6 = "ip -6 rule fwmark 10 iif lo lookup 10"
+#: The rules that route replies to a preserved client address back to the sidecar.
+KEEP4 = "ip rule fwmark 13 iif lo lookup 10"
+KEEP6 = "ip -6 rule fwmark 13 iif lo lookup 10"
 #: Seconds to wait for something that must happen / to confirm something did not.
 TIMEOUT = 3.0
 NOTHING = 0.3
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+#: What `trio-tproxy rules apply` (and `run`) install with no flags: the defaults plus the
+#: admin port (15020) excluded from inbound interception.
+CLI_INTERCEPTION = interception_from(build_parser().parse_args(["rules", "show"]))
 
 
 def ip(*args: str) -> str:
@@ -217,18 +226,22 @@ def test_original_destination_strips_scope() -> None:
 
 
 @pytest.mark.netns
-def test_install_is_idempotent_and_creates_the_four_objects(netns: str) -> None:
+def test_install_is_idempotent_and_creates_the_rules_and_routes(netns: str) -> None:
     routes = PolicyRoutes(Interception(), netns)
     assert not lo_is_up(netns)  # a fresh namespace: install must set it up
-    assert routes.missing() == [LO_UP, RULE4, RULE6, ROUTE4, ROUTE6]
+    assert routes.missing() == [LO_UP, RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
 
     routes.install()
     routes.install()
 
     assert lo_is_up(netns)
-    # The kernel picked the priority; exactly one rule per family all the same.
-    assert our_rules(netns) == ["32765:\tfrom all fwmark 0xa iif lo lookup 10"]
-    assert our_rules(netns, six=True) == ["32765:\tfrom all fwmark 0xa iif lo lookup 10"]
+    # The kernel picked the priorities; exactly one rule per mark and family.
+    ours = [
+        "32764:\tfrom all fwmark 0xd iif lo lookup 10",
+        "32765:\tfrom all fwmark 0xa iif lo lookup 10",
+    ]
+    assert our_rules(netns) == ours
+    assert our_rules(netns, six=True) == ours
     assert table_routes(netns) == ["local default dev lo proto static scope host"]
     assert table_routes(netns, six=True) == [
         "local default dev lo proto static metric 1024 pref medium"
@@ -242,8 +255,12 @@ def test_install_with_priority_mark_and_table(netns: str) -> None:
     routes = PolicyRoutes(ic, netns)
     routes.install()
     routes.install()  # EEXIST from the kernel, tolerated
-    assert our_rules(netns) == ["100:\tfrom all fwmark 0x539 iif lo lookup 100"]
-    assert our_rules(netns, six=True) == ["100:\tfrom all fwmark 0x539 iif lo lookup 100"]
+    ours = [
+        "100:\tfrom all fwmark 0x539 iif lo lookup 100",
+        "100:\tfrom all fwmark 0xd iif lo lookup 100",
+    ]
+    assert sorted(our_rules(netns)) == ours
+    assert sorted(our_rules(netns, six=True)) == ours
     assert len(table_routes(netns, 100)) == 1
     assert len(table_routes(netns, 100, six=True)) == 1
     assert table_routes(netns, 10) == []
@@ -290,7 +307,7 @@ def test_repair_restores_deleted_rules(netns: str) -> None:
     ip("-n", netns, "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "10")
     assert routes.missing() == [RULE4, ROUTE4]
     assert routes.repair() == [RULE4, ROUTE4]
-    assert len(our_rules(netns)) == 1
+    assert len(our_rules(netns)) == 2  # fwmark 10 and 13
     assert len(table_routes(netns)) == 1
 
 
@@ -311,7 +328,7 @@ def test_remove_deletes_exactly_what_install_added(netns: str) -> None:
 
     assert (our_rules(netns), our_rules(netns, six=True), table_routes(netns)) == foreign
     assert table_routes(netns, six=True) == []
-    assert routes.missing() == [RULE4, RULE6, ROUTE4, ROUTE6]
+    assert routes.missing() == [RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
     assert lo_is_up(netns)  # lo is not ours to take down
 
 
@@ -606,7 +623,7 @@ def test_installer_apply_verify_repair_remove(netns: str) -> None:
     ic = Interception()
     installer = Installer(ic, netns)
     absent = "nft table inet trio_tproxy absent"
-    assert installer.verify() == [absent, LO_UP, RULE4, RULE6, ROUTE4, ROUTE6]
+    assert installer.verify() == [absent, LO_UP, RULE4, RULE6, KEEP4, KEEP6, ROUTE4, ROUTE6]
 
     installer.apply()
     installer.apply()  # idempotent
@@ -841,7 +858,7 @@ def test_watcher_repairs_table_and_routes_with_one_warning_line(
     assert len(repaired) == 2, repaired
     assert " WARNING restored nft table inet trio_tproxy (drift: " in repaired[0]
     assert ROUTE6 in repaired[1]
-    assert Installer(Interception(), netns).verify() == []
+    assert Installer(CLI_INTERCEPTION, netns).verify() == []
     run.signal()
     assert run.wait() == 0
     assert nothing_installed(netns) == NOTHING_LEFT
@@ -856,7 +873,8 @@ def test_no_rules_fails_with_one_line_when_nobody_installs_them(
     lines = run.text().strip().splitlines()
     assert lines == [
         "trio-tproxy run: error: --no-rules: interception is not in place after 0.5s: "
-        f"nft table inet trio_tproxy absent; {RULE4}; {RULE6}; {ROUTE4}; {ROUTE6}"
+        f"nft table inet trio_tproxy absent; {RULE4}; {RULE6}; {KEEP4}; {KEEP6}; {ROUTE4}; "
+        f"{ROUTE6}"
     ]
     assert not list(run.marks.glob("apply.*"))  # it never installed anything
 
@@ -868,7 +886,7 @@ def test_no_rules_waits_for_the_init_containers_rules_and_leaves_them(
     run = sidecar("--no-rules", "--rules-wait", "20")
     run.wait_for("other")  # it has looked once and found nothing
     assert "ready:" not in run.text()
-    init = Installer(Interception(), netns)
+    init = Installer(CLI_INTERCEPTION, netns)
     init.apply()  # what an init container's `trio-tproxy rules apply` does
     run.wait_for("ready:")
     assert "(rules installed by another process (table and routes verified))" in run.text()
@@ -903,7 +921,7 @@ def test_no_rules_without_cap_net_admin_checks_the_routes(
     """Reading the nft table needs CAP_NET_ADMIN: without it, the routes are what is checked."""
     if shutil.which("setpriv") is None:
         skip_or_fail("setpriv (util-linux) is not installed")
-    init = Installer(Interception(), netns)
+    init = Installer(CLI_INTERCEPTION, netns)
     init.apply()
     try:
         # CAP_NET_RAW stays: IP_TRANSPARENT and SO_MARK accept it instead of CAP_NET_ADMIN.

@@ -8,6 +8,7 @@ Regenerate the golden files with ``UPDATE_GOLDEN=1`` and review the diff.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -193,7 +194,7 @@ def test_ipv4_only_leaves_cidrs6_empty() -> None:
 
 def test_every_rule_says_what_it_is_for() -> None:
     rules = rule_lines(render(CONFIGS["excludes"]))
-    assert len(rules) == 23
+    assert len(rules) == 27
     for rule in rules:
         match = re.search(r' comment "([^"]+)"$', rule)
         assert match, f"rule without a comment: {rule}"
@@ -302,17 +303,39 @@ def test_ingress_exemptions_come_before_the_tproxy_rules() -> None:
         "ip saddr @exclude4 return",
         "ip6 saddr @exclude6 return",
         "tcp dport @in_ports return",
+        "tcp dport 15021 return",
     ]
     assert rules[first_tproxy - len(exemptions) : first_tproxy] == exemptions
     # looped-back egress (mark, on lo) is decided before lo traffic is let through
     assert rules.index('iifname "lo" return') == 3
 
 
+def test_preserved_client_address_rules_come_first_in_output() -> None:
+    # Before the bypass-mark return: the sidecar's dial carries the preserve
+    # mark (not the bypass mark), and the app's replies carry no mark at all
+    # until the ct mark rule gives them one.
+    ic = CONFIGS["custom"]
+    rules = [r.split(" comment ")[0] for r in chain_rules(render(ic), "output")]
+    keep = ic.preserve_mark
+    assert rules[:3] == [
+        f"ct mark {keep} meta mark set {keep} return",
+        f"meta mark {keep} ct mark set {keep} return",
+        f"meta mark {ic.bypass_mark} return",
+    ]
+
+
+def test_probe_port_zero_renders_no_probe_exemption() -> None:
+    text = render(dataclasses.replace(CONFIGS["custom"], probe_port=0))
+    assert "tcp dport 15021" not in text and "probe server" not in text
+
+
 def test_marked_egress_must_leave_through_lo() -> None:
     ic = CONFIGS["custom"]
     assert chain_rules(render(ic), "postrouting") == [
         f'meta mark {ic.recirculate_mark} oifname != "lo" drop comment '
-        '"marked egress that policy routing did not loop back (rule/route gone): never sent"'
+        '"marked egress that policy routing did not loop back (rule/route gone): never sent"',
+        f'meta mark {ic.preserve_mark} oifname != "lo" drop comment '
+        '"a reply to a preserved client address that policy routing did not keep local"',
     ]
 
 
@@ -532,7 +555,7 @@ def test_apply_list_replace_delete(netns: str) -> None:
     assert first.startswith("table inet trio_tproxy {")
     assert "elements = { 22, 15021 }" in first
     assert "tproxy ip to 127.0.0.1:2 accept" in first
-    assert first.count('comment "') == 23 + 3 + 6 + 1  # rules, chains, sets, table
+    assert first.count('comment "') == 27 + 3 + 6 + 1  # rules, chains, sets, table
 
     nft.apply(ic)  # idempotent: the same table, not a second copy of each rule
     assert nft.list_table(ic) == first

@@ -34,6 +34,7 @@ from trio_tproxy.credentials import Credentials, load_credentials
 from trio_tproxy.identity import IdentityError
 from trio_tproxy.kernel import set_abort_on_close
 from trio_tproxy.tlspolicy import (
+    ALPN,
     PeerIdentity,
     client_context,
     explain_failure,
@@ -220,6 +221,19 @@ def test_mutual_tls13_handshake_verifies_both_identities(pki: PKI) -> None:
     assert r.client.peer == PeerIdentity(DB, DB)
     assert r.client.info.startswith("TLSv1.3 TLS_")
     assert r.server.got == b"ping" and r.client.got == b"pong"
+
+
+def test_sidecars_agree_on_our_alpn_and_a_client_without_it_is_recorded(pki: PKI) -> None:
+    r = handshake(pki.creds("db", spiffe_ids=[DB]), pki.creds("web", spiffe_ids=[WEB]))
+    assert r.server.conn is not None and r.client.conn is not None
+    assert r.server.conn.get_alpn_proto_negotiated() == ALPN == b"trio-tproxy/1"
+    assert r.client.conn.get_alpn_proto_negotiated() == ALPN
+    # An older sidecar (or any client) offering other protocols: no agreement, no failure.
+    ctx = client_context(pki.creds("web", spiffe_ids=[WEB]))
+    ctx.set_alpn_protos([b"h2"])
+    r = run_pair(server_context(pki.creds("db", spiffe_ids=[DB])), ctx)
+    assert r.server.error is None and r.client.error is None
+    assert r.server.conn is not None and r.server.conn.get_alpn_proto_negotiated() == b""
 
 
 def test_tls12_peer_gets_ecdhe_aead_cipher(pki: PKI) -> None:

@@ -1,4 +1,4 @@
-"""Command line: trio-tproxy run | rules | certs | demo.
+"""Command line: trio-tproxy run | rules | doctor | certs | demo.
 
 The reference design's flags (``-tcp-port 1``, ``-cert ...``, ``-v 1``) are
 accepted in both their single-dash Go spellings and as ``--tcp-port``.  Every
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import logging
 import sys
@@ -26,10 +27,13 @@ from . import __version__
 from .config import (
     ConfigError,
     IdentityPolicy,
+    Ingress,
     Interception,
     ProxyConfig,
     Timeouts,
     TLSFiles,
+    check_port,
+    parse_app_probe,
     parse_cidr,
     parse_int,
     parse_mark,
@@ -173,11 +177,37 @@ def add_interception_flags(parser: argparse.ArgumentParser) -> None:
         help=f"SO_MARK of the proxy's own sockets (default {d('bypass_mark')})",
     )
     g.add_argument(
+        "--preserve-mark",
+        dest="preserve_mark",
+        type=_typed(parse_mark),
+        default=UNSET,
+        help="SO_MARK of the ingress dial that keeps the client's address; its conntrack "
+        f"mark routes the app's replies back to the proxy (default {d('preserve_mark')})",
+    )
+    g.add_argument(
+        "--probe-port",
+        dest="probe_port",
+        type=_typed(parse_int),
+        default=UNSET,
+        help="plaintext port of the kubelet probe server, never intercepted; 0: none "
+        f"(default {d('probe_port')})",
+    )
+    g.add_argument(
         "--route-table",
         dest="route_table",
         type=_typed(parse_int),
         default=UNSET,
         help=f"policy routing table for the local routes (default {d('route_table')})",
+    )
+    g.add_argument(
+        "--admin-port",
+        dest="admin_port",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="PORT",
+        help="admin HTTP server port (/healthz, /readyz, /metrics), plaintext, on the pod's "
+        "addresses and loopback; excluded from inbound interception; 0: off (default "
+        f"{_shown(ProxyConfig, 'admin_port')})",
     )
 
 
@@ -248,6 +278,8 @@ def interception_from(args: argparse.Namespace) -> Interception:
         "tls_port",
         "recirculate_mark",
         "bypass_mark",
+        "preserve_mark",
+        "probe_port",
         "route_table",
         "intercept_cidrs",
         "exclude_cidrs",
@@ -263,6 +295,11 @@ def interception_from(args: argparse.Namespace) -> Interception:
     for name in ("intercept_cidrs", "exclude_cidrs"):
         if name in given:
             given[name] = tuple(given[name])
+    # The admin port is reached directly (kubelet, Prometheus): never intercepted.
+    # `rules apply` renders it too, so an init container's table equals the sidecar's.
+    admin_port = admin_port_from(args)
+    if admin_port:
+        given["exclude_inbound_ports"] = [*given.get("exclude_inbound_ports", ()), admin_port]
     for name in (
         "exclude_inbound_ports",
         "exclude_outbound_ports",
@@ -274,6 +311,16 @@ def interception_from(args: argparse.Namespace) -> Interception:
     return Interception(**given)
 
 
+def admin_port_from(args: argparse.Namespace) -> int:
+    port: int = getattr(args, "admin_port", default(ProxyConfig, "admin_port"))
+    if port != 0:
+        try:
+            check_port(port, "--admin-port")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (or 0: off)") from None
+    return port
+
+
 def add_run_flags(parser: _Parser) -> None:
     add_interception_flags(parser)
     parser.required_hint = (
@@ -281,17 +328,33 @@ def add_run_flags(parser: _Parser) -> None:
         "'trio-tproxy certs ca --out DIR' and 'trio-tproxy certs issue --ca-dir DIR --out DIR "
         "--name NAME --spiffe-id spiffe://cluster.local/ns/NS/sa/SA'"
     )
-    g = parser.add_argument_group("TLS (--cert, --key and --ca-cert are required)")
-    g.add_argument(
-        *_flag("--cert"), type=Path, required=True, help="this pod's certificate chain (PEM)"
+    g = parser.add_argument_group(
+        "TLS (--cert and --key, or --credential-bundle; and --ca-cert are required)"
     )
-    g.add_argument(*_flag("--key"), type=Path, required=True, help="its private key (PEM)")
+    g.add_argument(*_flag("--cert"), type=Path, help="this pod's certificate chain (PEM)")
+    g.add_argument(*_flag("--key"), type=Path, help="its private key (PEM)")
+    g.add_argument(
+        "--credential-bundle",
+        dest="credential_bundle",
+        type=Path,
+        metavar="PATH",
+        help="instead of --cert and --key: one PEM file with the private key then the "
+        "certificate chain (a Kubernetes podCertificate projection's credentialBundlePath)",
+    )
     g.add_argument(
         *_flag("--ca-cert"),
         dest="ca_cert",
         type=Path,
-        required=True,
-        help="CA bundle peers must chain to (PEM)",
+        help="CA bundle peers must chain to (PEM; e.g. a clusterTrustBundle projection)",
+    )
+    g.add_argument(
+        "--credential-poll",
+        dest="credential_poll",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="SECONDS",
+        help="how often to look for rotated credential files; SIGHUP reloads at once "
+        f"(default {_shown(ProxyConfig, 'credential_poll')})",
     )
     g.add_argument(
         "--trust-domain",
@@ -351,6 +414,62 @@ def add_run_flags(parser: _Parser) -> None:
         help="how long one direction may stay open after the other ended (default "
         f"{_shown(Timeouts, 'half_close')})",
     )
+    i = parser.add_argument_group("ingress (what the app sees, who reaches it)")
+    i.add_argument(
+        "--preserve-client-ip",
+        dest="preserve_client_ip",
+        type=_typed(_parse_bool),
+        default=UNSET,
+        metavar="true|false",
+        help="dial the app from the client's own IP address, so the app sees who called "
+        f"(default {_shown(Ingress, 'preserve_client_ip')})",
+    )
+    i.add_argument(
+        "--inbound-to-loopback",
+        dest="inbound_to_loopback",
+        action="store_true",
+        default=UNSET,
+        help="legacy: dial the app at 127.0.0.1/::1 instead of the address the client "
+        "dialed. RISK: every listener bound only to localhost (admin and debug ports) "
+        "becomes reachable from the whole mesh",
+    )
+    i.add_argument(
+        "--inbound-mode",
+        dest="inbound_mode",
+        choices=("strict", "permissive"),
+        default=UNSET,
+        help="strict: only mutual TLS from a sidecar; permissive: anything else (plaintext, "
+        f"the app's own TLS) reaches the app as is (default {_shown(Ingress, 'inbound_mode')})",
+    )
+    i.add_argument(
+        "--permissive-port",
+        dest="permissive_ports",
+        action="append",
+        type=_typed(parse_port),
+        default=UNSET,
+        metavar="PORT",
+        help="an app port that is permissive even in strict mode (repeatable)",
+    )
+    i.add_argument(
+        "--app-probe",
+        dest="app_probes",
+        action="append",
+        type=_typed(parse_app_probe),
+        default=UNSET,
+        metavar="NAME=URL",
+        help="serve GET /app-health/NAME on the probe port by probing URL: "
+        "http://127.0.0.1:8080/healthz, tcp://127.0.0.1:5432 or grpc://127.0.0.1:9090[/service] "
+        "(repeatable)",
+    )
+    i.add_argument(
+        "--probe-timeout",
+        dest="probe_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="how long a probe waits for the app when the request gives no timeout "
+        f"(default {_shown(Ingress, 'probe_timeout')})",
+    )
     o = parser.add_argument_group("operation")
     o.add_argument(
         "-v",
@@ -386,6 +505,40 @@ def add_run_flags(parser: _Parser) -> None:
         metavar="S",
         help="seconds between checks (and repairs) of the table and routes (default "
         f"{_shown(ProxyConfig, 'route_check_interval')})",
+    )
+    o.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="after SIGTERM, let open connections finish for up to S seconds, then reset "
+        f"them; exit as soon as none is left (default {_shown(ProxyConfig, 'drain_timeout')})",
+    )
+    o.add_argument(
+        "--drain-new",
+        dest="drain_new",
+        choices=("accept", "refuse"),
+        default=UNSET,
+        help="new connections during the drain: accept (classic sidecar: the app may still "
+        "open egress while it stops) or refuse (native sidecar: the app has exited) "
+        f"(default {_shown(ProxyConfig, 'drain_new')})",
+    )
+    o.add_argument(
+        "--on-exit",
+        dest="on_exit",
+        choices=("remove", "keep"),
+        default=UNSET,
+        help="rules on exit: remove (leave nothing behind) or keep (pods: the fail-closed "
+        "rules refuse intercepted traffic until a sidecar is back, never plaintext) "
+        f"(default {_shown(ProxyConfig, 'on_exit')})",
+    )
+    o.add_argument(
+        "--log-format",
+        dest="log_format",
+        choices=("text", "json"),
+        default=UNSET,
+        help=f"text lines or one JSON object per line (default {_shown(ProxyConfig, 'log_format')})",
     )
     o.add_argument(
         "--session-cache",
@@ -432,11 +585,16 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
     identity = _given(args, "mode", "trust_domain", "allow_ids")
     if "allow_ids" in identity:
         identity["allow_ids"] = tuple(identity["allow_ids"])
+    if args.credential_bundle is not None:
+        tls = TLSFiles.bundle(args.credential_bundle, args.ca_cert)
+    else:
+        tls = TLSFiles(cert=args.cert, key=args.key, ca_cert=args.ca_cert)
     return ProxyConfig(
-        tls=TLSFiles(cert=args.cert, key=args.key, ca_cert=args.ca_cert),
+        tls=tls,
         identity=IdentityPolicy(**identity),
         interception=interception_from(args),
         timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close")),
+        ingress=_ingress_from(args),
         **_given(
             args,
             "verbosity",
@@ -445,19 +603,68 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
             "route_check_interval",
             "session_cache",
             "tls_groups",
+            "credential_poll",
+            "drain_timeout",
+            "drain_new",
+            "on_exit",
+            "log_format",
             "udp_idle_timeout",
             "udp_max_flows",
             "udp_mtu",
         ),
+        admin_port=admin_port_from(args),
     )
 
 
-def setup_logging(verbosity: int) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.DEBUG if verbosity >= 2 else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"invalid boolean {text!r}: true or false")
+
+
+def _ingress_from(args: argparse.Namespace) -> Ingress:
+    given = _given(
+        args,
+        "preserve_client_ip",
+        "inbound_to_loopback",
+        "inbound_mode",
+        "permissive_ports",
+        "app_probes",
+        "probe_timeout",
     )
+    if "permissive_ports" in given:
+        given["permissive_ports"] = tuple(sorted(set(given["permissive_ports"])))
+    if "app_probes" in given:
+        given["app_probes"] = tuple(given["app_probes"])
+    return Ingress(**given)
+
+
+def check_tls_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cert and --key, or --credential-bundle (not both); and --ca-cert."""
+    bundle = args.credential_bundle is not None
+    if bundle and (args.cert is not None or args.key is not None):
+        parser.error("--credential-bundle replaces --cert and --key: give one or the other")
+    missing = [] if bundle else [f for f in ("cert", "key") if getattr(args, f) is None]
+    missing = [f"--{f}/-{f}" for f in missing]
+    if args.ca_cert is None:
+        missing.append("--ca-cert")
+    if missing:
+        or_bundle = " (or --credential-bundle for --cert and --key)" if not bundle else ""
+        parser.error(f"the following arguments are required: {', '.join(missing)}{or_bundle}")
+
+
+def setup_logging(verbosity: int, log_format: str = "text") -> None:
+    from .logfmt import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else logging.INFO, handlers=[handler])
     logging.getLogger("trio_tproxy.conn").setLevel(
         logging.INFO if verbosity >= 1 else logging.WARNING
     )
@@ -471,7 +678,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     credentials = lifecycle.preflight(config)
-    setup_logging(config.verbosity)
+    setup_logging(config.verbosity, config.log_format)
     # The cyclic collector walks every tracked object it may own: keep the
     # startup objects (modules, classes) out of its way and run it less often
     # (per message the sidecar allocates many short-lived containers).
@@ -511,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the sidecar (needs CAP_NET_ADMIN)")
     add_run_flags(run)
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=cmd_run, check=functools.partial(check_tls_flags, run))
 
     rules = sub.add_parser(
         "rules", help="show, apply or delete the nftables rules and policy routes"
@@ -521,15 +728,83 @@ def build_parser() -> argparse.ArgumentParser:
     add_udp_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
-    from . import certs
+    doctor = sub.add_parser(
+        "doctor",
+        help="check this network namespace's interception and explain what is wrong "
+        "(run inside the pod: kubectl exec / nsenter); exit 1 with findings",
+    )
+    add_interception_flags(doctor)
+    d = doctor.add_argument_group("doctor")
+    d.add_argument(*_flag("--cert"), type=Path, help="the sidecar's certificate chain (PEM)")
+    d.add_argument(*_flag("--key"), type=Path, help="its private key (PEM)")
+    d.add_argument(*_flag("--ca-cert"), dest="ca_cert", type=Path, help="its CA bundle (PEM)")
+    d.add_argument(
+        "--trust-domain",
+        dest="trust_domain",
+        default=_shown(IdentityPolicy, "trust_domain"),
+        help="the trust domain the SPIFFE ID must be in (default %(default)s)",
+    )
+    d.add_argument(
+        "--peer",
+        type=_typed(parse_hostport),
+        metavar="HOST:PORT",
+        help="live self-test: connect there through the interception, show the peer identity",
+    )
+    d.add_argument(
+        "--conn",
+        type=_typed(parse_hostport),
+        metavar="HOST:PORT",
+        help="show conntrack's entries for connections to this destination",
+    )
+    d.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    d.add_argument(
+        "--timeout", type=_typed(parse_seconds), default=3.0, metavar="S", help="per network check"
+    )
+    doctor.set_defaults(func=cmd_doctor)
+
+    from . import certs, k8scli, webhook
 
     certs.register(sub)
+    k8scli.register(sub)  # inject
+    webhook.register(sub)
     demo = sub.add_parser(
         "demo", help="two pods talking mTLS through the sidecars, in network namespaces (root)"
     )
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``10.0.0.2:80`` or ``[fd00::2]:80``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"invalid address {text!r}: HOST:PORT or [IPv6]:PORT")
+    host = host.removeprefix("[").removesuffix("]")
+    value = parse_port(port)
+    check_port(value, text)
+    return host, value
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    files = (args.cert, args.key, args.ca_cert)
+    if any(files) and not all(files):
+        raise ConfigError("--cert, --key and --ca-cert go together")
+    opts = doctor.Options(
+        ic=interception_from(args),
+        admin_port=admin_port_from(args),
+        tls=TLSFiles(args.cert, args.key, args.ca_cert) if all(files) else None,
+        trust_domain=args.trust_domain,
+        peer=args.peer,
+        conn=args.conn,
+        timeout=args.timeout,
+    )
+    results = doctor.run(opts)
+    out = doctor.render_json(results) if args.json else doctor.render_human(results)
+    sys.stdout.write(out)
+    return 1 if any(r.status == doctor.FAIL for r in results) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -557,6 +832,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Reported by the subcommand's parser, so the line names it.
         sub = _subparser(parser, args.command)
         sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
     try:
         code: int = args.func(args)
     except (ConfigError, OSError) as exc:

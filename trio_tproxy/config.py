@@ -152,9 +152,26 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class TLSFiles:
+    """Where our credentials are.  ``cert == key`` is a credential bundle (the
+    Kubernetes podCertificate format: a PKCS#8 key then the chain, one file),
+    read in one go so a rotation can never pair a key with another's certificate."""
+
     cert: Path
     key: Path
     ca_cert: Path
+
+    @classmethod
+    def bundle(cls, bundle: Path, ca_cert: Path) -> TLSFiles:
+        return cls(cert=bundle, key=bundle, ca_cert=ca_cert)
+
+    @property
+    def is_bundle(self) -> bool:
+        return self.cert == self.key
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Each distinct file, for the reload watcher."""
+        return tuple(dict.fromkeys((self.cert, self.key, self.ca_cert)))
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,13 @@ class Interception:
     recirculate_mark: int = 10
     #: The proxy's own sockets carry this so they are never intercepted.
     bypass_mark: int = 12
+    #: SO_MARK of the ingress dial that keeps the client's address (IP_TRANSPARENT,
+    #: bound to the client IP): conntrack remembers it so that the app's replies,
+    #: addressed to the client, are routed back to the sidecar through ``lo``.
+    preserve_mark: int = 13
+    #: Plaintext probe server for the kubelet (``/app-health/NAME``); its inbound
+    #: TCP is never intercepted. 0: no probe port.
+    probe_port: int = 15021
     #: Policy-routing table holding the ``local`` default routes.
     route_table: int = 10
     #: Priority of the ``ip rule`` (0 lets the kernel choose, like ``ip rule add``).
@@ -235,10 +259,22 @@ class Interception:
         self._check_udp()
         check_mark(self.recirculate_mark, "--recirculate-mark")
         check_mark(self.bypass_mark, "--bypass-mark")
-        if self.recirculate_mark == self.bypass_mark:
-            raise ConfigError(
-                f"--recirculate-mark and --bypass-mark are both {self.bypass_mark}: they must differ"
-            )
+        check_mark(self.preserve_mark, "--preserve-mark")
+        marks = {
+            "--recirculate-mark": self.recirculate_mark,
+            "--bypass-mark": self.bypass_mark,
+            "--preserve-mark": self.preserve_mark,
+        }
+        for i, (flag, value) in enumerate(marks.items()):
+            for other, value2 in list(marks.items())[i + 1 :]:
+                if value == value2:
+                    raise ConfigError(f"{flag} and {other} are both {value}: they must differ")
+        if self.probe_port:
+            check_port(self.probe_port, "--probe-port")
+            if self.probe_port in (self.tcp_port, self.tls_port):
+                raise ConfigError(
+                    f"--probe-port {self.probe_port} is also a listener port of the proxy"
+                )
         table = self.route_table
         if (
             isinstance(table, bool)
@@ -291,6 +327,96 @@ class Interception:
         return tuple(n for n in self.exclude_cidrs if isinstance(n, ipaddress.IPv6Network))
 
 
+#: Schemes of ``--app-probe`` targets.
+PROBE_SCHEMES = ("http", "tcp", "grpc")
+
+
+@dataclass(frozen=True)
+class AppProbe:
+    """``NAME=SCHEME://HOST:PORT[/PATH]``: how the probe server checks one app health."""
+
+    name: str
+    scheme: Literal["http", "tcp", "grpc"]
+    host: str
+    port: int
+    #: HTTP: the path (with query); gRPC: the service name ("" = the server as a whole).
+    path: str = "/"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", self.name):
+            raise ConfigError(
+                f"invalid --app-probe name {self.name!r}: letters, digits, '_', '.', '-'"
+            )
+        if self.scheme not in PROBE_SCHEMES:
+            raise ConfigError(
+                f"invalid --app-probe scheme {self.scheme!r}: one of {', '.join(PROBE_SCHEMES)}"
+            )
+        check_port(self.port, "--app-probe")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(
+                f"invalid --app-probe host {self.host!r}: an IP address (the app on loopback)"
+            ) from None
+
+
+def parse_app_probe(text: str) -> AppProbe:
+    """``NAME=http://127.0.0.1:8080/healthz``, ``NAME=tcp://127.0.0.1:5432``,
+    ``NAME=grpc://127.0.0.1:9090[/service]``."""
+    from urllib.parse import urlsplit
+
+    name, sep, url = text.partition("=")
+    if not sep:
+        raise ConfigError(f"invalid --app-probe {text!r}: expected NAME=SCHEME://HOST:PORT[/PATH]")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid --app-probe {text!r}: {exc}") from None
+    if not parts.hostname or port is None:
+        raise ConfigError(f"invalid --app-probe {text!r}: needs HOST:PORT")
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    if parts.scheme == "grpc":
+        path = parts.path.lstrip("/")
+    return AppProbe(name, parts.scheme, parts.hostname, port, path)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """What the app sees of inbound connections, and who may reach it in plaintext."""
+
+    #: Dial the app from the client's own address (IP_TRANSPARENT + preserve mark).
+    preserve_client_ip: bool = True
+    #: Legacy: dial the app at 127.0.0.1/::1 (exposes localhost-only listeners to the mesh).
+    inbound_to_loopback: bool = False
+    #: strict: only mutual TLS from a sidecar; permissive: anything else goes to the app as is.
+    inbound_mode: Literal["strict", "permissive"] = "strict"
+    #: Ports that are permissive whatever ``inbound_mode`` says.
+    permissive_ports: tuple[int, ...] = ()
+    #: Probe targets served on ``Interception.probe_port``.
+    app_probes: tuple[AppProbe, ...] = ()
+    #: Seconds a probe waits for the app when the kubelet does not say.
+    probe_timeout: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.inbound_mode not in ("strict", "permissive"):
+            raise ConfigError(
+                f"invalid --inbound-mode {self.inbound_mode!r}: must be strict or permissive"
+            )
+        for port in self.permissive_ports:
+            check_port(port, "--permissive-port")
+        names = [p.name for p in self.app_probes]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"--app-probe {name!r} is given twice")
+        check_positive(self.probe_timeout, "--probe-timeout")
+
+    def permissive(self, port: int) -> bool:
+        return self.inbound_mode == "permissive" or port in self.permissive_ports
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """Everything ``trio-tproxy run`` needs, validated."""
@@ -299,6 +425,7 @@ class ProxyConfig:
     identity: IdentityPolicy = field(default_factory=IdentityPolicy)
     interception: Interception = field(default_factory=Interception)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    ingress: Ingress = field(default_factory=Ingress)
     verbosity: int = 0
     #: Install nftables rules and routes (False: an init container did it).
     manage_rules: bool = True
@@ -311,6 +438,27 @@ class ProxyConfig:
     #: With ``manage_rules`` False: seconds to wait for the rules another
     #: process (an init container) installs before giving up.
     rules_wait: float = 10.0
+    #: Seconds between two looks (stat) at the credential files for a change.
+    credential_poll: float = 2.0
+    #: Warn when our certificate has less than this fraction of its lifetime left.
+    expiry_warning_fraction: float = 1 / 3
+
+    #: Seconds to let connections finish after SIGTERM (see lifecycle): well
+    #: inside Kubernetes' default 30 s grace period, leaving time to exit.
+    drain_timeout: float = 20.0
+    #: New connections during the drain: ``accept`` (a classic sidecar: the
+    #: app may still open egress while it shuts down) or ``refuse`` (close the
+    #: listeners; the fail-closed ruleset resets what arrives).
+    drain_new: Literal["accept", "refuse"] = "accept"
+    #: What happens to the rules on exit: ``remove`` (a developer's run leaves
+    #: nothing behind) or ``keep`` (a pod: the fail-closed ruleset refuses
+    #: traffic until the sidecar is back; never plaintext).
+    on_exit: Literal["remove", "keep"] = "remove"
+    #: Admin HTTP server (/healthz, /readyz, /metrics) port; 0: off.  Excluded
+    #: from inbound interception (``Interception.exclude_inbound_ports``).
+    admin_port: int = 15020
+    #: Log lines: ``text`` (one line per connection) or ``json`` (one object per line).
+    log_format: Literal["text", "json"] = "text"
     #: UDP (with ``interception.intercept_udp``): seconds a flow may stay silent
     #: both ways before it ends, and the most flows carried at once.
     udp_idle_timeout: float = 60.0
@@ -319,6 +467,16 @@ class ProxyConfig:
     udp_mtu: int = 1500
 
     def __post_init__(self) -> None:
+        check_positive(self.credential_poll, "--credential-poll")
+        check_positive(self.drain_timeout, "--drain-timeout")
+        if self.drain_new not in ("accept", "refuse"):
+            raise ConfigError(f"invalid --drain-new {self.drain_new!r}: accept or refuse")
+        if self.on_exit not in ("remove", "keep"):
+            raise ConfigError(f"invalid --on-exit {self.on_exit!r}: remove or keep")
+        if self.admin_port != 0:
+            check_port(self.admin_port, "--admin-port")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"invalid --log-format {self.log_format!r}: text or json")
         check_positive(self.udp_idle_timeout, "--udp-idle-timeout")
         check_positive(self.udp_max_flows, "--udp-max-flows")
         if isinstance(self.udp_mtu, bool) or not 576 <= self.udp_mtu <= 65535:

@@ -5,7 +5,12 @@ startup, so a bad file stops the sidecar with one :class:`ConfigError` line
 naming it instead of failing every handshake later: the key must match the
 certificate, the certificate must be valid now and usable as both TLS server
 and client (each sidecar is both), and the CA bundle must hold a certificate
-that has not expired.
+that has not expired.  The same checks gate a reload (:mod:`.reload`).
+
+Two layouts: three files (``tls.crt``, ``tls.key``, ``ca.crt`` as a Secret or
+cert-manager's csi-driver-spiffe write them), or a Kubernetes podCertificate
+credential bundle (PKCS#8 key then chain in one file, read in one go) with the
+CA bundle from a ``clusterTrustBundle`` projection.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from . import identity
 from .config import ConfigError, TLSFiles
-from .pem import SigningKey, key_matches, read_certs, read_key, signing_key
+from .pem import SigningKey, key_matches, read_bundle, read_certs, read_key, signing_key
 
 _CREATE_HINT = (
     " (create one with `trio-tproxy certs ca --out DIR` then `trio-tproxy certs issue"
@@ -42,17 +47,37 @@ class Credentials:
     key: SigningKey = field(repr=False)
     ca_certs: tuple[x509.Certificate, ...] = field(repr=False)
 
+    def describe(self) -> str:
+        """For log lines: which certificate this is, and until when."""
+        return (
+            f"serial {self.cert.serial_number:x}, {self.spiffe_id or '(no SPIFFE ID)'}, "
+            f"valid until {_fmt(self.not_after)}"
+        )
+
+    def expiry_warning_at(self, fraction: float) -> dt.datetime:
+        """When less than ``fraction`` of the certificate's lifetime is left."""
+        lifetime = self.not_after - self.cert.not_valid_before_utc
+        return self.not_after - lifetime * fraction
+
 
 def load_credentials(files: TLSFiles, *, now: dt.datetime | None = None) -> Credentials:
     """Read and check our certificate, key and CA bundle; ConfigError names the bad file."""
     now = now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:  # naive means UTC, as in cryptography
         now = now.replace(tzinfo=dt.UTC)
-    certs = read_certs(files.cert, what="certificate file", hint=_CREATE_HINT)
-    key = signing_key(read_key(files.key, what="key file", hint=_CREATE_HINT), files.key)
+    if files.is_bundle:
+        raw_key, certs = read_bundle(files.cert, hint=_CREATE_HINT)
+        key = signing_key(raw_key, files.key, what="credential bundle")
+    else:
+        certs = read_certs(files.cert, what="certificate file", hint=_CREATE_HINT)
+        key = signing_key(read_key(files.key, what="key file", hint=_CREATE_HINT), files.key)
     cas = read_certs(files.ca_cert, what="CA file", hint=_CREATE_CA_HINT)
     leaf = certs[0]
     if not key_matches(leaf, key):
+        if files.is_bundle:
+            raise ConfigError(
+                f"credential bundle {files.cert}: the key does not match the first certificate"
+            )
         raise ConfigError(f"key file {files.key} does not match certificate {files.cert}")
     _check_dates(leaf, now, f"certificate file {files.cert}")
     _check_eku(leaf, files)

@@ -29,7 +29,7 @@ equals the hash of what :func:`render` gives for this configuration (a table
 left by another version or other flags is "different"); when this installer
 loaded the table itself, ``nft list table`` equals, after dropping counter
 values, the listing read right after loading (so a rule deleted by hand is
-seen); ``lo`` is up; the four route objects exist.  :meth:`Installer.repair`
+seen); ``lo`` is up; the route objects (two rules and a local route per family) exist.  :meth:`Installer.repair`
 re-loads the whole table when it is absent or different (one transaction
 again) and re-adds missing routes; it returns what it restored.
 

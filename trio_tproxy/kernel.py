@@ -112,7 +112,40 @@ def original_destination(sock: SocketLike) -> tuple[str, int]:
     address. IPv6 flow info and scope are dropped; an IPv4-mapped IPv6 address
     (a dual-stack socket) is returned as plain IPv4.
     """
+    return _destination(sock.getsockname())
+
+
+def ingress_addresses(
+    sock: SocketLike, peer: tuple[str, int]
+) -> tuple[tuple[str, int], tuple[str, int]]:
+    """(client, original destination) of an accepted ingress socket, link-local
+    IPv6 addresses with their scope (``fe80::1%eth0``).
+
+    Without the scope a link-local address can be neither dialed nor bound
+    (EINVAL), and a log line naming it is ambiguous.  The accepted socket's
+    local name carries the scope id (the interface the SYN came in on); the
+    client of a link-local destination is on that same link.  One getsockname,
+    as :func:`original_destination`.
+    """
     name = sock.getsockname()
+    dst = _destination(name)
+    scope = name[3] if len(name) == 4 else 0
+    if not scope:
+        return peer, dst
+    try:
+        suffix = "%" + socket.if_indextoname(scope)
+    except OSError:
+        suffix = f"%{scope}"
+
+    def scoped(host: str) -> str:
+        if "%" in host or not ipaddress.ip_address(host).is_link_local:
+            return host
+        return host + suffix
+
+    return (scoped(peer[0]), peer[1]), (scoped(dst[0]), dst[1])
+
+
+def _destination(name: Any) -> tuple[str, int]:
     host = str(name[0]).split("%", 1)[0]
     address = ipaddress.ip_address(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -240,18 +273,27 @@ class RouteError(OSError):
 class _Wanted:
     kind: Literal["rule", "route"]
     family: int
+    #: The fwmark of a rule (0 for a route).
+    mark: int = 0
 
 
-_WANTED: Final = (
-    *(_Wanted("rule", family) for family in _FAMILIES),
-    *(_Wanted("route", family) for family in _FAMILIES),
-)
+def _wanted(ic: Interception) -> tuple[_Wanted, ...]:
+    """Two rules per family (recirculated egress; replies to a preserved client
+    address) and one local route per family."""
+    return (
+        *(_Wanted("rule", family, ic.recirculate_mark) for family in _FAMILIES),
+        *(_Wanted("rule", family, ic.preserve_mark) for family in _FAMILIES),
+        *(_Wanted("route", family) for family in _FAMILIES),
+    )
+
+
 #: How :meth:`PolicyRoutes.missing` and :meth:`PolicyRoutes.repair` name a down ``lo``.
 LO_UP: Final = "link lo up"
 
 
 class PolicyRoutes:
-    """``ip rule fwmark <mark> iif lo lookup <table>`` and ``local default dev lo``, both families.
+    """``ip rule fwmark <mark> iif lo lookup <table>`` (the recirculate mark and the
+    preserve mark) and ``local default dev lo``, both families.
 
     With ``netns``, every call works in that named network namespace (tests);
     the namespace must exist, it is never created.
@@ -260,20 +302,21 @@ class PolicyRoutes:
     def __init__(self, ic: Interception, netns: str | None = None) -> None:
         self.ic = ic
         self.netns = netns
+        self._wanted = _wanted(ic)
 
     # -- public
 
     def install(self) -> None:
-        """Set ``lo`` up and add the four objects; adding what exists is a no-op."""
+        """Set ``lo`` up and add the rules and routes; adding what exists is a no-op."""
         with self._ipr() as ipr:
             lo = self._lo_index(ipr)
             if not self._lo_is_up(ipr, lo):
                 self._set_lo_up(ipr, lo)
-            for want in _WANTED:
+            for want in self._wanted:
                 if want.kind == "rule" and not self.ic.rule_priority:
                     # Without a priority the kernel picks a new one each time
                     # and never answers EEXIST: look before adding.
-                    if self._find_rules(ipr, want.family):
+                    if self._find_rules(ipr, want):
                         continue
                 self._add(ipr, want, lo)
 
@@ -286,10 +329,10 @@ class PolicyRoutes:
         failures: list[OSError] = []
         with self._ipr() as ipr:
             lo = self._lo_index(ipr)
-            for want in _WANTED:
+            for want in self._wanted:
                 try:
                     if want.kind == "rule":
-                        for priority in self._find_rules(ipr, want.family):
+                        for priority in self._find_rules(ipr, want):
                             self._tolerate(self._delete_rule, ipr, want, priority)
                     else:
                         self._tolerate(self._delete_route, ipr, want, lo)
@@ -306,7 +349,7 @@ class PolicyRoutes:
     def commands(self) -> list[str]:
         """What :meth:`install` does, as the equivalent iproute2 commands."""
         lines = ["ip link set lo up"]
-        for want in _WANTED:
+        for want in self._wanted:
             six, _, rest = self._describe(want).partition(" rule ")
             if rest:
                 lines.append(f"{six} rule add {rest}")
@@ -340,7 +383,7 @@ class PolicyRoutes:
         six = " -6" if want.family == socket.AF_INET6 else ""
         if want.kind == "rule":
             prio = f" priority {ic.rule_priority}" if ic.rule_priority else ""
-            return f"ip{six} rule fwmark {ic.recirculate_mark} iif lo lookup {ic.route_table}{prio}"
+            return f"ip{six} rule fwmark {want.mark} iif lo lookup {ic.route_table}{prio}"
         dst = "::/0" if want.family == socket.AF_INET6 else "0.0.0.0/0"
         return f"ip{six} route local {dst} dev lo table {ic.route_table}"
 
@@ -375,17 +418,17 @@ class PolicyRoutes:
         except NetlinkError as exc:
             raise _error(exc, "ip link set lo up") from exc
 
-    def _find_rules(self, ipr: Any, family: int) -> list[int]:
-        """Priorities of the rules in ``family`` that are ours (duplicates included)."""
+    def _find_rules(self, ipr: Any, want: _Wanted) -> list[int]:
+        """Priorities of the rules like ``want`` that are ours (duplicates included)."""
         ic = self.ic
         found = []
-        for rule in ipr.get_rules(family=family):
+        for rule in ipr.get_rules(family=want.family):
             priority = rule.get_attr("FRA_PRIORITY") or 0
             table = rule.get_attr("FRA_TABLE") or rule["table"]
             if (
                 rule["action"] == _FR_ACT_TO_TBL
                 and table == ic.route_table
-                and rule.get_attr("FRA_FWMARK") == ic.recirculate_mark
+                and rule.get_attr("FRA_FWMARK") == want.mark
                 and rule.get_attr("FRA_FWMASK") in (None, 0xFFFFFFFF)
                 and rule.get_attr("FRA_IIFNAME") == "lo"
                 and rule.get_attr("FRA_OIFNAME") is None
@@ -408,9 +451,9 @@ class PolicyRoutes:
     def _missing(self, ipr: Any, lo: int) -> list[_Wanted]:
         return [
             want
-            for want in _WANTED
+            for want in self._wanted
             if not (
-                self._find_rules(ipr, want.family)
+                self._find_rules(ipr, want)
                 if want.kind == "rule"
                 else self._has_route(ipr, want.family, lo)
             )
@@ -423,7 +466,7 @@ class PolicyRoutes:
                 ipr.rule(
                     "add",
                     family=want.family,
-                    fwmark=ic.recirculate_mark,
+                    fwmark=want.mark,
                     iifname="lo",
                     table=ic.route_table,
                     # None: no FRA_PRIORITY, the kernel chooses (pyroute2 would send 32000).
@@ -452,7 +495,7 @@ class PolicyRoutes:
         ipr.rule(
             "del",
             family=want.family,
-            fwmark=self.ic.recirculate_mark,
+            fwmark=want.mark,
             iifname="lo",
             table=self.ic.route_table,
             priority=priority or None,

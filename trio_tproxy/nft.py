@@ -230,7 +230,12 @@ def render(ic: Interception) -> str:
     the order of CIDRs and ports in it.
     """
     t = ic.table
-    mark, bypass = ic.recirculate_mark, ic.bypass_mark
+    mark, bypass, keep = ic.recirculate_mark, ic.bypass_mark, ic.preserve_mark
+    probe = (
+        [_rule(f"tcp dport {ic.probe_port} return", "the sidecar's plaintext probe server")]
+        if ic.probe_port
+        else []
+    )
     tcp, tls = ic.tcp_port, ic.tls_port
     lines = [
         "# trio-tproxy interception table: load with one `nft -f -` (all or nothing).",
@@ -317,6 +322,7 @@ def render(ic: Interception) -> str:
         _rule("ip saddr @exclude4 return", "excluded IPv4 source"),
         _rule("ip6 saddr @exclude6 return", "excluded IPv6 source"),
         _rule("tcp dport @in_ports return", "excluded inbound port"),
+        *probe,
         # Packets of accepted flows come here too: tproxy finds their socket
         # first (established lookup), the listener only for new connections.
         _rule(
@@ -348,6 +354,18 @@ def render(ic: Interception) -> str:
         # `type route`: a packet whose mark changes is routed again.
         '\t\tcomment "mark egress TCP so that policy routing loops it back through lo"',
         "\t\ttype route hook output priority 95; policy accept;",
+        # Client-address preservation: the sidecar dials the app from the
+        # client's IP with SO_MARK <keep>; conntrack keeps the mark so that the
+        # app's replies (to that foreign address) get it too and are routed
+        # back through lo (ip rule fwmark <keep> iif lo) to the sidecar.
+        _rule(
+            f"ct mark {keep} meta mark set {keep} return",
+            "the app's replies to a dial that kept the client address: back to the sidecar",
+        ),
+        _rule(
+            f"meta mark {keep} ct mark set {keep} return",
+            "the sidecar's dial from the client's address: conntrack remembers it",
+        ),
         _rule(f"meta mark {bypass} return", "the proxy's own sockets (bypass SO_MARK)"),
         # Without this, the app's replies on an excluded inbound port (or to a
         # client it was reached from unproxied) would be marked and looped back.
@@ -373,6 +391,10 @@ def render(ic: Interception) -> str:
         _rule(
             f'meta mark {mark} oifname != "lo" drop',
             "marked egress that policy routing did not loop back (rule/route gone): never sent",
+        ),
+        _rule(
+            f'meta mark {keep} oifname != "lo" drop',
+            "a reply to a preserved client address that policy routing did not keep local",
         ),
         "\t}",
         "}",

@@ -54,7 +54,11 @@ def read_certs(
     ``hint`` is appended when the file does not exist (e.g. how to create it).
     """
     path = Path(path)
-    data = _read_file(path, what, hint)
+    return parse_certs(_read_file(path, what, hint), path, what)
+
+
+def parse_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
+    """Every certificate in PEM ``data`` read from ``path`` (other blocks are skipped)."""
     if b"-----BEGIN CERTIFICATE-----" not in data:
         raise ConfigError(
             f"{what} {path}: no certificate (not PEM: no '-----BEGIN CERTIFICATE-----')"
@@ -69,7 +73,11 @@ def read_certs(
 def read_key(path: Path | str, *, what: str = "key file", hint: str = "") -> PrivateKeyTypes:
     """The (unencrypted) private key in a PEM file."""
     path = Path(path)
-    data = _read_file(path, what, hint)
+    return parse_key(_read_file(path, what, hint), path, what)
+
+
+def parse_key(data: bytes, path: Path, what: str) -> PrivateKeyTypes:
+    """The first private key in PEM ``data`` read from ``path``."""
     if b"-----BEGIN" not in data or b"PRIVATE KEY-----" not in data:
         raise ConfigError(
             f"{what} {path}: no private key (not PEM: no '-----BEGIN ... PRIVATE KEY-----')"
@@ -80,6 +88,18 @@ def read_key(path: Path | str, *, what: str = "key file", hint: str = "") -> Pri
         raise ConfigError(f"{what} {path}: encrypted private keys are not supported") from None
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{what} {path}: malformed private key: {_one_line(exc)}") from None
+
+
+def read_bundle(
+    path: Path | str, *, what: str = "credential bundle", hint: str = ""
+) -> tuple[PrivateKeyTypes, list[x509.Certificate]]:
+    """A credential bundle (a private key, then the certificate chain) in ONE read.
+
+    Two reads of two files can straddle a rotation and pair the old key with
+    the new certificate; one read of one file cannot."""
+    path = Path(path)
+    data = _read_file(path, what, hint)
+    return parse_key(data, path, what), parse_certs(data, path, what)
 
 
 def signing_key(key: PrivateKeyTypes, path: Path | str, *, what: str = "key file") -> SigningKey:

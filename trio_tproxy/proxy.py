@@ -6,7 +6,12 @@
   mutual TLS, verify the server's identity, then relay.
 * **ingress** (TLS listener, ``--tls-port``): a peer sidecar's connection to
   this pod.  We complete the handshake, verify the client's identity, dial the
-  app on the original port, then relay.
+  app at the original destination (the address and port the client dialed,
+  never loopback unless ``--inbound-to-loopback``), from the client's own IP
+  address (``--preserve-client-ip``, see :meth:`Sidecar.dial_app`), then relay.
+  In permissive mode (``--inbound-mode permissive``, ``--permissive-port``) we
+  first peek at the connection's first bytes: only a ClientHello offering our
+  ALPN is TLS for us; anything else goes to the app as it is (plaintext relay).
 
 Ownership of the sockets: the handler owns every leg until it hands both to
 :func:`~trio_tproxy.relay.relay`, which from then on is their only owner
@@ -30,15 +35,17 @@ import errno
 import ipaddress
 import logging
 import socket as _stdsocket
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from . import kernel, tlspolicy
+from . import kernel, peek, tlspolicy
+from .clienthello import SIDECAR
 from .config import ProxyConfig
 from .credentials import Credentials
+from .metrics import DURATION_BUCKETS, HANDSHAKE_BUCKETS, Histogram
 from .plainstream import PlainStream
 from .relay import RelayResult, relay
 from .sessions import SessionCache
@@ -76,12 +83,37 @@ def _family(host: str) -> int:
 
 @dataclass
 class Stats:
-    """Counters since start: connections by (direction, outcome), refusals by reason."""
+    """Counters since start: connections by (direction, outcome), refusals by reason.
+
+    Bumped once per connection (never per message); :mod:`.metrics` reads them
+    at scrape time.
+    """
 
     connections: Counter[tuple[str, str]] = field(default_factory=Counter)
     refusals: Counter[tuple[str, str]] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
     active: int = 0
+    pending_handshakes: int = 0
+    #: (direction, "full" | "resumed") -> handshake durations.
+    handshake_seconds: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    #: direction -> connection durations.
+    duration_seconds: dict[str, Histogram] = field(
+        default_factory=lambda: {d: Histogram(DURATION_BUCKETS) for d in ("egress", "ingress")}
+    )
+    rule_repairs: int = 0
+    rule_check_failures: int = 0
+    #: The latest ended connections (for the doctor's self-test via the admin server).
+    recent: deque[dict[str, object]] = field(default_factory=lambda: deque(maxlen=32))
+
+    def handshake_done(self, direction: str, resumed: bool, seconds: float) -> None:
+        key = (direction, "resumed" if resumed else "full")
+        hist = self.handshake_seconds.get(key)
+        if hist is None:
+            hist = self.handshake_seconds[key] = Histogram(HANDSHAKE_BUCKETS)
+        hist.observe(seconds)
+
+    #: Inbound connections a permissive port passed to the app without TLS.
+    plaintext_accepted: int = 0
     #: UDP flows by outcome, packets, bytes and drops by reason (``--intercept-udp``).
     udp: Counter[str] = field(default_factory=Counter)
 
@@ -153,6 +185,8 @@ class _Conn:
     result: RelayResult | None = None
     refusal: str | None = None
     reported: bool = False
+    #: Permissive ingress without TLS: what the first bytes were ("plaintext", "tls").
+    plaintext: str | None = None
 
 
 class Sidecar:
@@ -174,13 +208,10 @@ class Sidecar:
         self.config = config
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
-        groups = config.tls_groups
-        self.server_context = tlspolicy.server_context(credentials, groups=groups)
-        self.client_context = tlspolicy.client_context(credentials, groups=groups)
+        self.use_credentials(credentials)
         self.egress_destination = egress_destination or kernel.original_destination
-        self.ingress_dialer = ingress_dialer or self.dial_app_on_loopback
+        self.ingress_dialer = ingress_dialer or self.dial_app
         self.stats = Stats()
-        self.sessions = SessionCache(config.session_cache)
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
@@ -193,15 +224,60 @@ class Sidecar:
             if ic.intercept_udp and kernel_options
             else None
         )
+        #: Drain (lifecycle): set at SIGTERM; with ``refuse_new`` new connections
+        #: are refused; once ``drain_expired`` the connections still open are
+        #: cancelled (reset) and reported with outcome ``drained``.
+        self.draining = False
+        self.refuse_new = False
+        self.drain_expired = False
+        self._idle: trio.Event | None = None
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is active (drain: exit on zero connections)."""
+        while self.stats.active:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def use_credentials(self, credentials: Credentials) -> None:
+        """Serve NEW connections with ``credentials`` (raises, changing nothing, if
+        OpenSSL refuses them).  Live connections keep the context they started
+        with; sessions set up under the old credentials are never resumed."""
+        groups = self.config.tls_groups
+        server = tlspolicy.server_context(credentials, groups=groups)
+        client = tlspolicy.client_context(credentials, groups=groups)
+        # Three assignments, no await between them: atomic for every handler.
+        # A fresh ticket key comes with the new server context, so peers'
+        # tickets from the old one are refused too.
+        self.server_context, self.client_context = server, client
+        old = getattr(self, "sessions", None)
+        self.sessions = SessionCache(self.config.session_cache)
+        if old is not None:
+            old.clear()  # a live egress connection may still keep() into it: harmless
+        self.credentials = credentials
+        udp = getattr(self, "udp", None)  # None too while __init__ runs
+        if udp is not None:
+            udp.use_credentials(credentials)
 
     # -- sockets we dial -------------------------------------------------------
 
-    async def dial(self, addr: Address) -> trio.socket.SocketType:
-        """Connect to ``addr`` with the bypass mark, within the connect timeout."""
+    async def dial(self, addr: Address, *, source: str | None = None) -> trio.socket.SocketType:
+        """Connect to ``addr`` with the bypass mark, within the connect timeout.
+
+        ``source``: a foreign address to connect from (the ingress client's):
+        IP_TRANSPARENT lets us bind it, the preserve mark (instead of the bypass
+        mark) makes conntrack route the app's replies back to us through ``lo``.
+        Port 0: the client's own port would duplicate the 4-tuple of the
+        TPROXY'd socket we accepted (connect "succeeds", then ECONNRESET).
+        """
         sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
         try:
-            if self.kernel_options:
-                kernel.set_mark(sock, self.config.interception.bypass_mark)
+            ic = self.config.interception
+            if source is not None:
+                kernel.set_transparent(sock)
+                kernel.set_mark(sock, ic.preserve_mark)
+                await sock.bind((source, 0))
+            elif self.kernel_options:
+                kernel.set_mark(sock, ic.bypass_mark)
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
             with trio.fail_after(self.config.timeouts.connect):
                 await sock.connect(addr)
@@ -219,12 +295,41 @@ class Sidecar:
             raise
         return sock
 
-    async def dial_app_on_loopback(self, dst: Address, client: Address) -> PlainStream:
-        """Reach the app on the original port at the loopback of the same family."""
+    async def dial_app(self, dst: Address, client: Address) -> PlainStream:
+        """Reach the app at the original destination (``dst``, the address the
+        client dialed), from the client's address when preservation is on.
+
+        Never 127.0.0.1 unless ``--inbound-to-loopback``: a listener bound only
+        to localhost (an admin or debug port) must not be reachable from the
+        mesh; an app bound only to the pod IP must be.  Link-local IPv6
+        addresses carry their scope (``fe80::1%eth0``) from the accepted socket.
+        """
         if dst[1] in self.own_ports:
             # Dialing our own listener would loop the connection back into us.
             raise Refused(f"port {dst[1]} is the proxy's own listener, not an app port")
-        return PlainStream(await self.dial((_LOOPBACK[_family(dst[0])], dst[1])))
+        ingress = self.config.ingress
+        if ingress.inbound_to_loopback:
+            target: Address = (_LOOPBACK[_family(dst[0])], dst[1])
+            source = None
+        else:
+            target = dst
+            # A scoped (link-local) client is not kept: the app's reply goes to
+            # a socket bound to eth0, and the fwmark route (local ::/0 dev lo)
+            # does not match that strict output interface; the SYN-ACK would
+            # leave on eth0 instead of looping back (see docs/kernel.md).
+            keep = ingress.preserve_client_ip and self.kernel_options and "%" not in client[0]
+            source = client[0] if keep else None
+        sock = await self.dial(target, source=source)
+        if conn_log.isEnabledFor(logging.INFO):
+            # The client's port cannot be kept: this line pairs it with ours.
+            conn_log.info(
+                "ingress %s <-> app leg %s -> %s%s",
+                fmt_addr(client),
+                fmt_addr(_address(sock.getsockname())),
+                fmt_addr(target),
+                " (client address kept)" if source is not None else "",
+            )
+        return PlainStream(sock)
 
     def _dials_itself(self, dst: Address) -> bool:
         """Egress to one of our own listener ports on an address of this pod.
@@ -269,13 +374,32 @@ class Sidecar:
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
                     handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    await nursery.start(accept_loop, listener, handler)
+                    await nursery.start(accept_loop, listener, self._gate(kind, handler))
                 if self.udp is not None:
                     await nursery.start(self.udp.serve)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
                 listener.close()
+
+    def _gate(self, direction: str, handler: Handler) -> Handler:
+        """During a drain with ``refuse_new``: reset new connections, one line each."""
+
+        async def gated(sock: trio.socket.SocketType, src: Address) -> None:
+            if not self.refuse_new:
+                await handler(sock, src)
+                return
+            conn = _Conn(direction, src, ("?", 0), trio.current_time())
+            self.stats.active += 1
+            try:
+                conn.dst = kernel.original_destination(sock)
+            except OSError:
+                pass
+            conn.refusal = "draining: the sidecar is shutting down"
+            _abort_socket(sock)
+            self._report(conn, "refused")
+
+        return gated
 
     # -- handlers --------------------------------------------------------------
 
@@ -291,13 +415,22 @@ class Sidecar:
             if self._dials_itself(dst):
                 raise Refused(f"{fmt_addr(dst)} is this sidecar's own listener")
             tls_sock = await self.dial(dst)
-            leg = await tlspolicy.connect(
-                self.client_context,
-                tls_sock,
-                self.config.identity,
-                dst,
-                handshake_timeout=self.config.timeouts.handshake,
-                sessions=self.sessions,
+            sessions = self.sessions  # replaced (not reused) when credentials change
+            handshake_start = trio.current_time()
+            self.stats.pending_handshakes += 1
+            try:
+                leg = await tlspolicy.connect(
+                    self.client_context,
+                    tls_sock,
+                    self.config.identity,
+                    dst,
+                    handshake_timeout=self.config.timeouts.handshake,
+                    sessions=sessions,
+                )
+            finally:
+                self.stats.pending_handshakes -= 1
+            self.stats.handshake_done(
+                "egress", bool(leg.resumed), trio.current_time() - handshake_start
             )
             conn.leg = leg
             legs.append(leg.stream)
@@ -310,7 +443,7 @@ class Sidecar:
                 result=conn.result,
             )
             if conn.result.outcome == "ok":
-                tlspolicy.keep_session(self.sessions, leg, dst)  # the ticket came with the data
+                tlspolicy.keep_session(sessions, leg, dst)  # the ticket came with the data
             ended = "relayed"
         except Refused as exc:
             conn.refusal, ended = str(exc), "refused"
@@ -339,13 +472,32 @@ class Sidecar:
         self.stats.active += 1
         ended = "error"
         try:
-            conn.dst = dst = kernel.original_destination(sock)
+            conn.src, conn.dst = src, dst = kernel.ingress_addresses(sock, src)
+            if self.config.ingress.permissive(dst[1]):
+                kind = await peek.first_bytes_kind(
+                    sock, tlspolicy.ALPN, self.config.timeouts.handshake
+                )
+                if kind is not SIDECAR:
+                    raw = None
+                    peer = PlainStream(sock)
+                    legs.append(peer)
+                    await self._relay_plaintext(conn, peer, kind.value, dst, src, legs)
+                    ended = "relayed"
+                    return
             raw = None  # tlspolicy.accept owns it from here, then the leg does
-            leg = await tlspolicy.accept(
-                self.server_context,
-                sock,
-                self.config.identity,
-                handshake_timeout=self.config.timeouts.handshake,
+            handshake_start = trio.current_time()
+            self.stats.pending_handshakes += 1
+            try:
+                leg = await tlspolicy.accept(
+                    self.server_context,
+                    sock,
+                    self.config.identity,
+                    handshake_timeout=self.config.timeouts.handshake,
+                )
+            finally:
+                self.stats.pending_handshakes -= 1
+            self.stats.handshake_done(
+                "ingress", bool(leg.resumed), trio.current_time() - handshake_start
             )
             conn.leg = leg
             legs.append(leg.stream)
@@ -360,7 +512,7 @@ class Sidecar:
                 result=conn.result,
             )
             ended = "relayed"
-        except Refused as exc:
+        except (Refused, peek.PeekFailed) as exc:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
             conn.refusal, ended = str(exc), "refused"
@@ -380,6 +532,33 @@ class Sidecar:
             await _abort_all(legs)
             self._report(conn, ended)
 
+    async def _relay_plaintext(
+        self,
+        conn: _Conn,
+        peer: PlainStream,
+        kind: str,
+        dst: Address,
+        src: Address,
+        legs: list[Stream],
+    ) -> None:
+        """Permissive: the client is not a sidecar; the app gets its bytes as they are."""
+        self.stats.plaintext_accepted += 1
+        conn.plaintext = kind
+        if conn_log.isEnabledFor(logging.INFO):
+            conn_log.info(
+                "ingress %s -> %s plaintext accepted (permissive): %s",
+                fmt_addr(src),
+                fmt_addr(dst),
+                "TLS without our ALPN" if kind == "tls" else "not TLS",
+            )
+        app = await self.ingress_dialer(dst, src)
+        legs.append(app)
+        conn.result = RelayResult()
+        legs.clear()  # from here on the relay owns and closes both legs
+        await relay(
+            peer, app, half_close_timeout=self.config.timeouts.half_close, result=conn.result
+        )
+
     # -- outcomes --------------------------------------------------------------
 
     def _report(self, conn: _Conn, ended: str) -> None:
@@ -387,14 +566,35 @@ class Sidecar:
         if conn.reported:
             return
         conn.reported = True
-        self.stats.active -= 1
+        stats = self.stats
+        stats.active -= 1
+        if not stats.active and self._idle is not None:
+            self._idle.set()
         direction = conn.direction
+        leg = conn.leg
+        peer = "-" if leg is None else leg.peer.description
         if conn.refusal is not None:
             reason = conn.refusal
-            self.stats.connections[(direction, "refused")] += 1
-            self.stats.refusals[(direction, _reason_key(reason))] += 1
+            stats.connections[(direction, "refused")] += 1
+            stats.refusals[(direction, _reason_key(reason))] += 1
             log.warning(
-                "%s %s -> %s refused: %s", direction, fmt_addr(conn.src), fmt_addr(conn.dst), reason
+                "%s %s -> %s refused: %s",
+                direction,
+                fmt_addr(conn.src),
+                fmt_addr(conn.dst),
+                reason,
+                extra={
+                    "conn": {
+                        "direction": direction,
+                        "src": fmt_addr(conn.src),
+                        "dst": fmt_addr(conn.dst),
+                        "outcome": "refused",
+                        "reason": reason,
+                    }
+                },
+            )
+            stats.recent.append(
+                {"direction": direction, "src": conn.src, "dst": conn.dst, "outcome": "refused"}
             )
             return
         result = conn.result
@@ -402,32 +602,63 @@ class Sidecar:
             outcome = "cancelled" if ended == "cancelled" else "error"
             result = RelayResult(outcome=outcome, detail="before the relay started")
             if outcome == "error":
-                self.stats.refusals[("internal", "bug")] += 1
+                stats.refusals[("internal", "bug")] += 1
+        outcome = result.outcome
+        if outcome == "cancelled" and self.drain_expired:
+            outcome = "drained"  # reset at the end of the drain (lifecycle)
         # The relay's a is the app's leg on egress, the peer's on ingress.
         if direction == "egress":
             sent, received = result.a_to_b, result.b_to_a
         else:
             sent, received = result.b_to_a, result.a_to_b
-        self.stats.connections[(direction, result.outcome)] += 1
-        self.stats.bytes[f"{direction}_sent"] += sent
-        self.stats.bytes[f"{direction}_received"] += received
+        duration = trio.current_time() - conn.start
+        stats.connections[(direction, outcome)] += 1
+        stats.bytes[f"{direction}_sent"] += sent
+        stats.bytes[f"{direction}_received"] += received
+        stats.duration_seconds[direction].observe(duration)
+        stats.recent.append(
+            {
+                "direction": direction,
+                "src": conn.src,
+                "dst": conn.dst,
+                "peer": peer,
+                "outcome": outcome,
+            }
+        )
         if conn_log.isEnabledFor(logging.INFO):
-            leg = conn.leg
             resumed = None if leg is None else leg.resumed
+            fields = {
+                "direction": direction,
+                "src": fmt_addr(conn.src),
+                "dst": fmt_addr(conn.dst),
+                "peer": peer,
+                "tls": ("-" if leg is None else leg.info)
+                if conn.plaintext is None
+                else f"permissive-{conn.plaintext}",
+                "sent": sent,
+                "received": received,
+                "duration": round(duration, 3),
+                "outcome": outcome,
+                "handshake": "resumed" if resumed else "-" if resumed is None else "full",
+                "alpn": "-" if leg is None or not leg.alpn else tlspolicy.ALPN.decode(),
+                "detail": result.detail or "",
+            }
             conn_log.info(
                 "%s %s -> %s peer=%s %s sent=%d received=%d duration=%.3fs outcome=%s "
-                "handshake=%s%s",
+                "handshake=%s alpn=%s%s",
                 direction,
-                fmt_addr(conn.src),
-                fmt_addr(conn.dst),
-                "-" if leg is None else leg.peer.description,
-                "-" if leg is None else leg.info,
+                fields["src"],
+                fields["dst"],
+                peer,
+                fields["tls"],
                 sent,
                 received,
-                trio.current_time() - conn.start,
-                result.outcome,
-                "resumed" if resumed else "-" if resumed is None else "full",
+                duration,
+                outcome,
+                fields["handshake"],
+                fields["alpn"],
                 f" ({result.detail})" if result.detail else "",
+                extra={"conn": fields},
             )
 
 

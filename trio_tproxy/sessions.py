@@ -39,5 +39,10 @@ class SessionCache:
         while len(self._sessions) > self.size:
             self._sessions.popitem(last=False)
 
+    def clear(self) -> None:
+        """Forget every session: our credentials (or trust) changed, so a session
+        set up under the old ones must not be resumed under the new."""
+        self._sessions.clear()
+
     def __len__(self) -> int:
         return len(self._sessions)

@@ -52,6 +52,12 @@ TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 #: Lets a server with client authentication accept session resumption
 #: (without it OpenSSL aborts such a handshake with an internal error).
 SESSION_ID_CONTEXT = b"trio-tproxy"
+#: The ALPN protocol sidecars speak to each other. Our own name, not "h2" or
+#: "http/1.1": the bytes inside are whatever the app sends, and the name is what
+#: lets a permissive ingress tell a sidecar from an app doing its own TLS (whose
+#: ClientHello offers h2/http/1.1 or nothing). Versioned, so a future wire change
+#: can be negotiated.
+ALPN = b"trio-tproxy/1"
 
 
 # --- contexts and connections ---------------------------------------------------
@@ -113,16 +119,32 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
     ctx.use_privatekey(creds.key)
     ctx.check_privatekey()
 
-    # Only our CA bundle; never set_default_verify_paths().
-    ctx.load_verify_locations(str(creds.files.ca_cert))
+    # Only our CA bundle; never set_default_verify_paths().  The certificates
+    # parsed and checked by load_credentials, not the file again: a rotation
+    # between the check and a second read would go unchecked.
+    store = ctx.get_cert_store()
+    assert store is not None  # a new context always has one
+    for ca in creds.ca_certs:
+        store.add_cert(crypto.X509.from_cryptography(ca))
     mode = SSL.VERIFY_PEER
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         for ca in creds.ca_certs:
             ctx.add_client_ca(ca)
         ctx.set_session_id(SESSION_ID_CONTEXT)
+        ctx.set_alpn_select_callback(_select_alpn)
+    else:
+        ctx.set_alpn_protos([ALPN])
     ctx.set_verify(mode, _on_verify)
     return ctx
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
+    """Server side: agree on our protocol if offered; otherwise go on without ALPN.
+
+    Not offering it is not an error here (an older sidecar): the leg records it.
+    """
+    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def server_context(creds: Credentials, *, groups: str | None = None) -> SSL.Context:
@@ -209,6 +231,8 @@ class TLSLeg:
     cipher: str
     #: Whether the handshake resumed a session (None: cannot tell, see ossl).
     resumed: bool | None
+    #: Whether both sides agreed on :data:`ALPN` (server: the client offered it).
+    alpn: bool = False
 
     @property
     def info(self) -> str:
@@ -285,7 +309,7 @@ async def _handshake(
             stream,
             alert_sent=True,
         ) from None
-    return TLSLeg(stream, peer, *leg_info(conn))
+    return TLSLeg(stream, peer, *leg_info(conn), alpn=conn.get_alpn_proto_negotiated() == ALPN)
 
 
 async def connect(

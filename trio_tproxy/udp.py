@@ -182,6 +182,10 @@ class UDPService:
         #: Raw UDP senders by family, made when a flow first needs one (see _reply_path).
         self._raw: dict[int, trio.socket.SocketType] = {}
 
+    def use_credentials(self, credentials: Credentials) -> None:
+        """New flows use ``credentials`` (live associations keep theirs; the cookie key stays)."""
+        self.contexts = dtls.contexts(credentials, self.contexts.cookies)
+
     # -- sockets -----------------------------------------------------------------
 
     async def _socket(
