@@ -495,3 +495,26 @@ def test_a_peer_outside_the_trust_domain_is_refused(lab):
         assert "identity rejected" in refused and "evil.example" in refused, refused
     finally:
         lab.stop_sidecar("outside")
+
+
+def test_udp_counters_are_in_the_metrics(lab):
+    """Stats.udp reaches /metrics on the admin port (flows, packets, drops)."""
+    b = lab.host("b").ip4
+    with client(lab, "ipv4") as sock:
+        sock.connect((b, ECHO))
+        assert echo(sock, b"counted") == b"counted"
+        src = fmt(*sock.getsockname()[:2])
+    wait_for_log(lab, "a", rf"udp egress {re.escape(src)} -> ", 0, timeout=IDLE + 10)
+    sock = socket_in(lab.host("a").netns, socket.AF_INET)
+    sock.settimeout(5)
+    with sock:
+        sock.connect(("127.0.0.1", 15020))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    metrics = data.decode()
+    sent = re.search(r'trio_tproxy_udp_events_total\{event="egress_sent_packets"\} (\S+)', metrics)
+    assert sent is not None and float(sent.group(1)) >= 1, metrics[-2000:]
+    # the flow's end is counted by outcome (whichever side idled out first)
+    assert re.search(r'trio_tproxy_udp_events_total\{event="egress_(idle|closed)"\} [1-9]', metrics)
