@@ -21,6 +21,9 @@ Servers (one dual-stack listener on [::] each; a thread per connection):
     tls-echo-server PORT CERT KEY
                                the app's own TLS (no client certificate): echo until EOF
     health-server PORT FILE    HTTP: 200 while FILE exists, 503 otherwise
+    stream-server PORT SECONDS RATE
+                               read to EOF, then send RATE bytes/s (10 writes a
+                               second) for SECONDS; half-close
     serve PORT                 the benchmark app in pod B; four listeners:
                                PORT   bulk: read an 8-byte size N, then send N bytes
                                       while reading to EOF; half-close
@@ -39,6 +42,13 @@ Clients:
                                from CONCURRENCY threads
     idle HOST PORT COUNT       open COUNT connections, print a line, hold them
                                until stdin closes
+    conncount HOST PORT COUNT CONCURRENCY
+                               COUNT short connections (as connrate) from
+                               CONCURRENCY threads
+    flood HOST PORT COUNT hello|silent
+                               open COUNT connections that never finish a TLS
+                               handshake (a ClientHello, or nothing), print a
+                               line, hold them until stdin closes
     probe HOST PORT CA [CERT KEY]
                                one TLS echo exchange straight to a TLS port
                                (the benchmark harness's mTLS check)
@@ -202,6 +212,22 @@ def halfclose_handler(delay: float) -> Callable[[socket.socket], None]:
         read_to_eof(conn)
 
     return handle_halfclose
+
+
+def stream_handler(seconds: float, rate: int) -> Callable[[socket.socket], None]:
+    def handle_stream(conn: socket.socket) -> None:
+        read_to_eof(conn)
+        chunk = bytes(rate // 10)
+        start = time.monotonic()
+        tick = 0
+        while time.monotonic() - start < seconds:
+            conn.sendall(chunk)
+            tick += 1
+            time.sleep(max(0.0, start + tick / 10 - time.monotonic()))
+        conn.shutdown(socket.SHUT_WR)
+        read_to_eof(conn)
+
+    return handle_stream
 
 
 def handle_echo(conn: socket.socket) -> None:
@@ -434,6 +460,84 @@ def connrate(host: str, port: int, duration: float, concurrency: int) -> None:
     )
 
 
+def conncount(host: str, port: int, count: int, concurrency: int) -> None:
+    """``count`` short connections (100 B each way) from ``concurrency`` threads."""
+    message = os.urandom(CONN_SIZE)
+    left = [count]
+    lock = threading.Lock()
+    errors: list[str] = []
+    done = [0]
+
+    def worker() -> None:
+        buf = bytearray(CONN_SIZE)
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            try:
+                with connect(host, port) as sock:
+                    sock.sendall(message)
+                    recv_exactly(sock, memoryview(buf))
+                with lock:
+                    done[0] += 1
+            except OSError as exc:
+                errors.append(repr(exc))
+
+    t0 = time.perf_counter()
+    threads = [spawn(worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.join()
+    emit(
+        {
+            "connections": done[0],
+            "errors": len(errors),
+            "first_errors": errors[:3],
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+
+
+def client_hello() -> bytes:
+    """The first flight of a TLS client, made by the stdlib (no certificate, no check)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def flood(host: str, port: int, count: int, mode: str) -> None:
+    """``count`` connections that never finish a handshake; held until stdin closes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hello = client_hello() if mode == "hello" else b""
+    socks = []
+    failed = 0
+    t0 = time.perf_counter()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        try:
+            sock.connect((host, port))
+            if hello:
+                sock.sendall(hello)
+        except OSError:
+            failed += 1  # refused, or reset at accept: the sidecar's limit
+        socks.append(sock)
+    emit({"opened": count - failed, "failed": failed, "seconds": time.perf_counter() - t0})
+    sys.stdin.read()
+    for sock in socks:
+        sock.close()
+    emit({"closed": len(socks)})
+
+
 def idle(host: str, port: int, count: int) -> None:
     """Open ``count`` connections, each proven end to end by a 1-byte echo, and hold them."""
     socks = []
@@ -620,6 +724,12 @@ def main(argv: list[str]) -> int:
         serve_tls_echo(int(args[0]), args[1], args[2])
     elif cmd == "health-server" and len(args) == 2:
         serve_health(int(args[0]), args[1])
+    elif cmd == "stream-server" and len(args) == 3:
+        serve_one(int(args[0]), stream_handler(float(args[1]), int(args[2])))
+    elif cmd == "conncount" and len(args) == 4:
+        conncount(args[0], int(args[1]), int(args[2]), int(args[3]))
+    elif cmd == "flood" and len(args) == 4 and args[3] in ("hello", "silent"):
+        flood(args[0], int(args[1]), int(args[2]), args[3])
     elif cmd == "halfclose-client" and len(args) == 3:
         answer = halfclose_client(args[0], int(args[1]), args[2].encode())
         sys.stdout.write(answer.decode())

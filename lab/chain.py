@@ -10,6 +10,7 @@ tests/test_fuzz.py and ``python -m fuzz.campaign``. Certificates come from
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -93,7 +94,7 @@ class Chain:
 
 @asynccontextmanager
 async def chain(
-    a: Contexts, b: Contexts, *, half_close_timeout: float = 60.0
+    a: Contexts, b: Contexts, *, half_close_timeout: float = 60.0, idle_timeout: float = math.inf
 ) -> AsyncIterator[Chain]:
     """Run both relays in a nursery; the body drives the two app ends."""
     app_c, r1_sock = await tcp_pair()
@@ -102,7 +103,9 @@ async def chain(
     results: list[RelayResult] = []
 
     async def run(x: Stream, y: Stream) -> None:
-        results.append(await relay(x, y, half_close_timeout=half_close_timeout))
+        results.append(
+            await relay(x, y, half_close_timeout=half_close_timeout, idle_timeout=idle_timeout)
+        )
 
     # The relay carries the sidecar's own streams, as in the proxy.
     r1_plain, r2_plain = PlainStream(r1_sock.socket), PlainStream(r2_sock.socket)

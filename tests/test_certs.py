@@ -100,7 +100,7 @@ def test_issue_leaf_extensions(ca: tuple[x509.Certificate, Any]) -> None:
     assert constraints.critical and not constraints.value.ca
     usage = ext(cert, x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
-    lifetime = cert.not_valid_after_utc - NOW
+    lifetime = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
     assert dt.timedelta(days=89) < lifetime <= dt.timedelta(days=90, minutes=1)
 
 
@@ -276,7 +276,7 @@ def test_cli_ca_then_issue_makes_usable_credentials(
     assert creds.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "web"
     san = ext(creds.cert, x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("fd00::2") in san.get_values_for_type(x509.IPAddress)
-    assert creds.not_after - NOW < dt.timedelta(days=7, minutes=1)
+    assert creds.not_after - dt.datetime.now(dt.UTC) < dt.timedelta(days=7, minutes=1)
 
 
 def test_cli_ca_refuses_to_replace_a_ca_key(tmp_path: Path) -> None:

@@ -21,7 +21,14 @@ import trio.testing
 from lab.chain import abort_socket_stream, contexts, expect_reset, read_to_eof, tls_pair
 from lab.pki import PKI, make_pki, spiffe_id
 from trio_tproxy import certs, tlspolicy
-from trio_tproxy.config import IdentityPolicy, Interception, ProxyConfig, Timeouts, TLSFiles
+from trio_tproxy.config import (
+    IdentityPolicy,
+    Interception,
+    Limits,
+    ProxyConfig,
+    Timeouts,
+    TLSFiles,
+)
 from trio_tproxy.credentials import load_credentials
 from trio_tproxy.plainstream import PlainStream
 from trio_tproxy.proxy import Sidecar
@@ -33,10 +40,12 @@ def sidecar(
     timeouts: Timeouts | None = None,
     identity: IdentityPolicy | None = None,
     tls_groups: str | None = None,
+    limits: Limits | None = None,
     **kw,
 ) -> Sidecar:
     config = ProxyConfig(
         tls_groups=tls_groups,
+        limits=limits or Limits(),
         tls=files,
         identity=identity or IdentityPolicy(),
         interception=Interception(),

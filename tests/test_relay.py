@@ -257,6 +257,63 @@ def test_half_close_timeout_aborts_both(pki):
     trio.run(main)
 
 
+def test_half_close_timeout_is_inactivity_not_a_deadline(pki):
+    """Issue 8, finding 7 (scaled down): after the client's FIN the server streams for
+    five times the half-close timeout, a chunk every 0.05 s: all of it arrives, then EOF."""
+    a, b = pki
+    chunk = os.urandom(10_000)
+
+    async def main():
+        async with chain(a, b, half_close_timeout=0.4) as ch:
+            await ch.client.send_eof()
+            assert await read_to_eof(ch.server) == b""
+            received = []
+
+            async def client_reads() -> None:
+                received.append(await read_to_eof(ch.client))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_reads)
+                start = trio.current_time()
+                sent = 0
+                while trio.current_time() - start < 2.0:
+                    await ch.server.send_all(chunk)
+                    sent += len(chunk)
+                    await trio.sleep(0.05)
+                await ch.server.send_eof()
+            assert received == [chunk * (sent // len(chunk))]
+        assert {r.outcome for r in ch.results} == {"ok"}, ch.results
+
+    trio.run(main)
+
+
+def test_idle_timeout_resets_both_after_inactivity_either_way(pki):
+    """Bytes one way keep the connection alive (inactivity means both ways); once
+    nothing moves for the idle timeout, both apps get a reset."""
+    a, b = pki
+
+    async def main():
+        async with chain(a, b, idle_timeout=0.4) as ch:
+            start = trio.current_time()
+            while trio.current_time() - start < 1.5:
+                await ch.client.send_all(b"tick")  # one direction only
+                await trio.sleep(0.1)
+            got = 0
+            with trio.fail_after(2):
+                while got < 4 * 15:
+                    got += len(await ch.server.receive_some(1 << 16))
+            quiet = trio.current_time()
+            await expect_reset(ch.client, within=2)
+            waited = trio.current_time() - quiet
+            await expect_reset(ch.server, within=2)
+        assert 0.3 <= waited <= 1.2, waited
+        assert {r.outcome for r in ch.results} == {"timeout"}, ch.results
+        assert all("idle for more than 0.4s" in r.detail for r in ch.results), ch.results
+        assert all(is_closed(leg) for leg in ch.legs)
+
+    trio.run(main)
+
+
 def test_cancelling_the_relay_closes_both_sockets(pki):
     a, b = pki
 

@@ -29,6 +29,7 @@ from .config import (
     IdentityPolicy,
     Ingress,
     Interception,
+    Limits,
     ProxyConfig,
     Timeouts,
     TLSFiles,
@@ -411,9 +412,32 @@ def add_run_flags(parser: _Parser) -> None:
         type=_typed(parse_seconds),
         default=UNSET,
         metavar="S",
-        help="how long one direction may stay open after the other ended (default "
+        help="inactivity allowed to one direction after the other ended (default "
         f"{_shown(Timeouts, 'half_close')})",
     )
+    t.add_argument(
+        "--idle-timeout",
+        dest="idle",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="reset a connection when no byte moved either way for this long (default "
+        f"{_shown(Timeouts, 'idle')})",
+    )
+    lim = parser.add_argument_group("limits (over one, a new connection is reset at accept)")
+    for name, what in (
+        ("max_connections", "connections held at once, both directions"),
+        ("max_pending_handshakes", "inbound connections still in their TLS handshake"),
+        ("max_pending_per_source", "the same, from one source address"),
+    ):
+        lim.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=_typed(parse_int),
+            default=UNSET,
+            metavar="N",
+            help=f"{what} (default {_shown(Limits, name)})",
+        )
     i = parser.add_argument_group("ingress (what the app sees, who reaches it)")
     i.add_argument(
         "--preserve-client-ip",
@@ -593,8 +617,11 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
         tls=tls,
         identity=IdentityPolicy(**identity),
         interception=interception_from(args),
-        timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close")),
+        timeouts=Timeouts(**_given(args, "handshake", "connect", "half_close", "idle")),
         ingress=_ingress_from(args),
+        limits=Limits(
+            **_given(args, "max_connections", "max_pending_handshakes", "max_pending_per_source")
+        ),
         **_given(
             args,
             "verbosity",

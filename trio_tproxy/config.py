@@ -142,12 +142,44 @@ class Timeouts:
 
     handshake: float = 10.0
     connect: float = 5.0
-    #: How long one direction may stay open after the other has finished.
+    #: Inactivity allowed to the direction still open after the other has
+    #: finished (a server may stream its answer for hours after the client's FIN,
+    #: as long as bytes keep moving).
     half_close: float = 60.0
+    #: Inactivity (no byte forwarded either way) after which a relayed
+    #: connection is reset.  Envoy's TCP proxy default; keep-alive pools and
+    #: gRPC pings stay well under it.
+    idle: float = 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("handshake", "connect", "half_close"):
+        for name in ("handshake", "connect", "half_close", "idle"):
             check_positive(getattr(self, name), f"--{name.replace('_', '-')}-timeout")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sidecar holds at once; over a limit a new connection is reset at accept.
+
+    Sized for a pod with a 256 MiB memory limit, where one connection costs
+    55-60 KB (TLS state, two sockets, the relay) and the process itself
+    about 55 MB: see :mod:`trio_tproxy.limits`.
+    """
+
+    #: Connections held at once, both directions, from accept to close.
+    max_connections: int = 2048
+    #: Inbound connections accepted and not yet past the TLS handshake and the
+    #: identity check (unauthenticated: anyone who can reach the pod).
+    max_pending_handshakes: int = 512
+    #: The same, per source address: one flooder cannot take all of them.
+    max_pending_per_source: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_connections", "max_pending_handshakes", "max_pending_per_source"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"invalid --{name.replace('_', '-')} {value!r}: must be an integer >= 1"
+                )
 
 
 @dataclass(frozen=True)
@@ -426,6 +458,7 @@ class ProxyConfig:
     interception: Interception = field(default_factory=Interception)
     timeouts: Timeouts = field(default_factory=Timeouts)
     ingress: Ingress = field(default_factory=Ingress)
+    limits: Limits = field(default_factory=Limits)
     verbosity: int = 0
     #: Install nftables rules and routes (False: an init container did it).
     manage_rules: bool = True

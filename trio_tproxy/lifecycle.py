@@ -323,13 +323,14 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                     )
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
-                    "trust-domain=%s",
+                    "trust-domain=%s; open-file limit %s",
                     " ".join(fmt_addr(a) for a in sidecar.bound["egress"]),
                     " ".join(fmt_addr(a) for a in sidecar.bound["ingress"]),
                     rules,
                     credentials.spiffe_id or "(no SPIFFE ID)",
                     config.identity.mode,
                     config.identity.trust_domain,
+                    sidecar.fd_limit,
                 )
                 if admin_bound:  # after "ready:": a start-up failure stays one line
                     log.info(

@@ -26,22 +26,28 @@ is one ``trio_tproxy.conn`` line, and ``Stats.connections`` counts both by
 (``getpeername`` fails once the peer has reset).
 
 The accept loop sleeps on capacity errors (EMFILE, ENFILE, ENOBUFS, ENOMEM),
-logs one warning per burst, and lets every other error propagate.
+logs one warning per burst, and lets every other error propagate.  It also
+admits or refuses each connection against the limits (:mod:`.limits`)
+before any task or TLS object exists for it: a refusal there is an RST, one
+rate-limited warning line per kind, and a count in ``Stats.refusals``
+(and ``Stats.connections``), not a line per connection.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
+import resource
 import socket as _stdsocket
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 
 import trio
 
-from . import kernel, peek, tlspolicy
+from . import expiry, kernel, limits, peek, tlspolicy
 from .clienthello import SIDECAR
 from .config import ProxyConfig
 from .credentials import Credentials
@@ -63,6 +69,8 @@ IngressDialer = Callable[[Address, Address], Awaitable[Stream]]
 DestinationLookup = Callable[[trio.socket.SocketType], Address]
 #: Handles one accepted socket and the address accept() gave.
 Handler = Callable[[trio.socket.SocketType, Address], Awaitable[None]]
+#: Decides, in the accept loop, whether a connection from this address is taken.
+Admit = Callable[[Address], bool]
 
 _LOOPBACK: dict[int, str] = {_stdsocket.AF_INET: "127.0.0.1", _stdsocket.AF_INET6: "::1"}
 #: accept() failures that mean "out of a resource for now": wait, do not die.
@@ -128,6 +136,10 @@ async def open_listener(
     sock = trio.socket.socket(_family(host), _stdsocket.SOCK_STREAM)
     try:
         sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (no syscall per connection).  Without it a
+        # small answer written right after TLS 1.3's session tickets waits for
+        # the peer's delayed ACK (40 ms): measured in the soak test.
+        sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         if sock.family == _stdsocket.AF_INET6:
             sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 1)
         if transparent:
@@ -148,9 +160,12 @@ async def accept_loop(
     listener: trio.socket.SocketType,
     handler: Handler,
     *,
+    admit: Admit | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept forever, one task per connection (in this loop's nursery)."""
+    """Accept forever, one task per admitted connection (in this loop's nursery).
+
+    A connection ``admit`` refuses is reset at once, unread."""
     warned_at: float | None = None
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -170,7 +185,11 @@ async def accept_loop(
                     )
                 await trio.sleep(CAPACITY_PAUSE)
                 continue
-            nursery.start_soon(handler, sock, (str(addr[0]), int(addr[1])))
+            src = (str(addr[0]), int(addr[1]))
+            if admit is not None and not admit(src):
+                _abort_socket(sock)
+                continue
+            nursery.start_soon(handler, sock, src)
 
 
 @dataclass
@@ -206,12 +225,18 @@ class Sidecar:
         """``ports``: (egress, ingress) to bind instead of the configured ones; 0 lets
         the kernel choose (tests): ``serve`` reports what was bound."""
         self.config = config
+        #: Ours; whoever reloads them replaces this (the expiry warning reads it).
+        self.credentials = credentials
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
         self.use_credentials(credentials)
         self.egress_destination = egress_destination or kernel.original_destination
         self.ingress_dialer = ingress_dialer or self.dial_app
         self.stats = Stats()
+        self.admission = limits.Admission(config.limits)
+        self._throttle = limits.Throttle()
+        #: The open-file limit after raising it (for the "ready:" line).
+        self.fd_limit = "unchanged"
         ic = config.interception
         self.ports = ports if ports is not None else (ic.tcp_port, ic.tls_port)
         #: Addresses actually bound, filled by serve(): {"egress": [...], "ingress": [...]}.
@@ -224,6 +249,10 @@ class Sidecar:
             if ic.intercept_udp and kernel_options
             else None
         )
+        #: Source ports of the inbound connections we hold, by (client IP, port
+        #: dialed): a preserved-address dial to the app must not pick one (see
+        #: :meth:`dial`).
+        self._inbound_ports: dict[tuple[str, int], Counter[int]] = {}
         #: Drain (lifecycle): set at SIGTERM; with ``refuse_new`` new connections
         #: are refused; once ``drain_expired`` the connections still open are
         #: cancelled (reset) and reported with outcome ``drained``.
@@ -260,22 +289,36 @@ class Sidecar:
 
     # -- sockets we dial -------------------------------------------------------
 
-    async def dial(self, addr: Address, *, source: str | None = None) -> trio.socket.SocketType:
+    async def dial(
+        self, addr: Address, *, source: str | None = None, avoid: Container[int] = ()
+    ) -> trio.socket.SocketType:
         """Connect to ``addr`` with the bypass mark, within the connect timeout.
 
         ``source``: a foreign address to connect from (the ingress client's):
         IP_TRANSPARENT lets us bind it, the preserve mark (instead of the bypass
         mark) makes conntrack route the app's replies back to us through ``lo``.
-        Port 0: the client's own port would duplicate the 4-tuple of the
-        TPROXY'd socket we accepted (connect "succeeds", then ECONNRESET).
+        The port is the kernel's choice, but never one of ``avoid``: the source
+        ports of the inbound connections from that client to that app port we
+        hold.  Our socket ``client:p -> app:port`` would have the 4-tuple of the
+        TPROXY'd socket ``client:p -> app:port`` we accepted, which the kernel
+        cannot see (it is keyed from the other end), so the app's SYN goes to
+        that socket instead (connect "succeeds", then ECONNRESET).  Seen about
+        once in 10,000 connections with 16 at a time before this check.
         """
         sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
         try:
             ic = self.config.interception
             if source is not None:
-                kernel.set_transparent(sock)
-                kernel.set_mark(sock, ic.preserve_mark)
-                await sock.bind((source, 0))
+                for _ in range(16):
+                    kernel.set_transparent(sock)
+                    kernel.set_mark(sock, ic.preserve_mark)
+                    await sock.bind((source, 0))
+                    if sock.getsockname()[1] not in avoid:
+                        break
+                    sock.close()  # held by an inbound connection: another port
+                    sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
+                else:
+                    raise OSError(errno.EADDRINUSE, "no free source port for the client")
             elif self.kernel_options:
                 kernel.set_mark(sock, ic.bypass_mark)
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
@@ -319,7 +362,8 @@ class Sidecar:
             # leave on eth0 instead of looping back (see docs/kernel.md).
             keep = ingress.preserve_client_ip and self.kernel_options and "%" not in client[0]
             source = client[0] if keep else None
-        sock = await self.dial(target, source=source)
+        avoid = self._inbound_ports.get((client[0], dst[1]), ())
+        sock = await self.dial(target, source=source, avoid=avoid)
         if conn_log.isEnabledFor(logging.INFO):
             # The client's port cannot be kept: this line pairs it with ours.
             conn_log.info(
@@ -354,6 +398,9 @@ class Sidecar:
         """
         ic = self.config.interception
         mark = ic.bypass_mark if self.kernel_options else None
+        if self.kernel_options:
+            soft = limits.raise_fd_limit()[0]
+            self.fd_limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
         listeners: list[tuple[str, trio.socket.SocketType]] = []
         tcp_port, tls_port = self.ports
         try:
@@ -373,8 +420,17 @@ class Sidecar:
             )
             async with trio.open_nursery() as nursery:
                 for kind, listener in listeners:
-                    handler = self.handle_egress if kind == "egress" else self.handle_ingress
-                    await nursery.start(accept_loop, listener, self._gate(kind, handler))
+                    if kind == "egress":
+                        handler, admit = self.handle_egress, self._admit_egress
+                    else:
+                        handler, admit = self.handle_ingress, self._admit_ingress
+                    await nursery.start(
+                        functools.partial(accept_loop, admit=admit),
+                        listener,
+                        self._gate(kind, handler),
+                    )
+                nursery.start_soon(expiry.watch, lambda: self.credentials)
+                nursery.start_soon(self._trim_after_bursts)
                 if self.udp is not None:
                     await nursery.start(self.udp.serve)
                 task_status.started(self.bound)
@@ -389,8 +445,10 @@ class Sidecar:
             if not self.refuse_new:
                 await handler(sock, src)
                 return
+            # Admitted (counted active, and pending if inbound) by accept_loop.
             conn = _Conn(direction, src, ("?", 0), trio.current_time())
-            self.stats.active += 1
+            if direction == "ingress":
+                self._handshake_over(src)
             try:
                 conn.dst = kernel.original_destination(sock)
             except OSError:
@@ -401,6 +459,53 @@ class Sidecar:
 
         return gated
 
+    # -- admission -------------------------------------------------------------
+
+    def _admit_egress(self, src: Address) -> bool:
+        return self._admit("egress", src, pending=False)
+
+    def _admit_ingress(self, src: Address) -> bool:
+        return self._admit("ingress", src, pending=True)
+
+    def _admit(self, direction: str, src: Address, *, pending: bool) -> bool:
+        kind = self.admission.admit(src[0], pending=pending)
+        if kind is None:
+            self.stats.active += 1
+            return True
+        self.stats.connections[(direction, "refused")] += 1
+        self.stats.refusals[(direction, kind)] += 1
+        quiet = self._throttle.due(f"{direction} {kind}", trio.current_time())
+        if quiet is not None:
+            lim = self.config.limits
+            held = {
+                limits.MAX_CONNECTIONS: f"{self.admission.active} connections held",
+                limits.MAX_PENDING: f"{self.admission.pending} handshakes pending",
+                limits.MAX_PENDING_PER_SOURCE: f"{self.admission.pending_by_source[src[0]]} "
+                f"handshakes pending from {src[0]}",
+            }[kind]
+            value = getattr(lim, kind.replace("-", "_"))
+            log.warning(
+                "%s %s refused at accept: %s (--%s %d)%s",
+                direction,
+                fmt_addr(src),
+                held,
+                kind,
+                value,
+                f"; {quiet} more refused for this since the last such line" if quiet else "",
+            )
+        return False
+
+    def _handshake_over(self, src: Address) -> None:
+        """An admitted inbound connection is no longer pending (authenticated or not)."""
+        self.admission.authenticated(src[0])
+
+    async def _trim_after_bursts(self) -> None:
+        """glibc keeps the heap a burst freed (~55 KB a connection) unless asked."""
+        while True:
+            await trio.sleep(limits.TRIM_EVERY)
+            if self.admission.burst_ended():
+                limits.trim_memory()
+
     # -- handlers --------------------------------------------------------------
 
     async def handle_egress(self, sock: trio.socket.SocketType, src: Address) -> None:
@@ -408,7 +513,6 @@ class Sidecar:
         app = PlainStream(sock)
         #: Legs this handler still owns (the relay takes both).
         legs: list[Stream] = [app]
-        self.stats.active += 1
         ended = "error"
         try:
             conn.dst = dst = self.egress_destination(sock)
@@ -440,6 +544,7 @@ class Sidecar:
                 app,
                 leg.stream,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             if conn.result.outcome == "ok":
@@ -469,15 +574,20 @@ class Sidecar:
         conn = _Conn("ingress", src, ("?", 0), trio.current_time())
         raw: trio.socket.SocketType | None = sock
         legs: list[Stream] = []
-        self.stats.active += 1
         ended = "error"
+        pending = True
+        held: Counter[int] | None = None
         try:
             conn.src, conn.dst = src, dst = kernel.ingress_addresses(sock, src)
+            held = self._inbound_ports.setdefault((src[0], dst[1]), Counter())
+            held[src[1]] += 1
             if self.config.ingress.permissive(dst[1]):
                 kind = await peek.first_bytes_kind(
                     sock, tlspolicy.ALPN, self.config.timeouts.handshake
                 )
                 if kind is not SIDECAR:
+                    pending = False  # decided: no handshake to wait for
+                    self._handshake_over(src)
                     raw = None
                     peer = PlainStream(sock)
                     legs.append(peer)
@@ -496,6 +606,8 @@ class Sidecar:
                 )
             finally:
                 self.stats.pending_handshakes -= 1
+                pending = False
+                self._handshake_over(src)
             self.stats.handshake_done(
                 "ingress", bool(leg.resumed), trio.current_time() - handshake_start
             )
@@ -509,6 +621,7 @@ class Sidecar:
                 leg.stream,
                 app,
                 half_close_timeout=self.config.timeouts.half_close,
+                idle_timeout=self.config.timeouts.idle,
                 result=conn.result,
             )
             ended = "relayed"
@@ -527,6 +640,14 @@ class Sidecar:
         except Exception:
             log.exception("internal error in ingress handler; connection aborted")
         finally:
+            if held is not None:
+                held[src[1]] -= 1
+                if held[src[1]] <= 0:
+                    del held[src[1]]
+                    if not held:
+                        self._inbound_ports.pop((src[0], conn.dst[1]), None)
+            if pending:
+                self._handshake_over(src)
             if raw is not None:
                 _abort_socket(raw)
             await _abort_all(legs)
@@ -568,6 +689,7 @@ class Sidecar:
         conn.reported = True
         stats = self.stats
         stats.active -= 1
+        self.admission.closed()
         if not stats.active and self._idle is not None:
             self._idle.set()
         direction = conn.direction

@@ -3,11 +3,22 @@
 One call of :func:`relay` is one connection: a nursery that owns both legs and
 runs one pump per direction (one of them in the caller's task: one task less
 per connection).  A pump reads its source leg and writes the other; every
-event other than data (EOF, EOF forwarded, an error, the half-close deadline,
+event other than data (EOF, EOF forwarded, an error, inactivity,
 cancellation) goes through :func:`.relaypolicy.step`, and the adapter carries
 out the actions it returns: ``send_eof`` on the other leg, arming the
 half-close timer, stopping both pumps, and closing both legs gracefully or
 with a reset.
+
+Inactivity, not deadlines: a connection is reset after ``idle_timeout``
+seconds without a byte forwarded either way, and, once one direction has
+ended ("arm the half-close timer"), after ``half_close_timeout`` seconds
+without one (a server may stream its answer long after the client's FIN).
+The per-message path pays nothing for it: the pumps already count the bytes
+they forward, and a third task, the watchdog, wakes every quarter of the
+limit to compare the count with what it saw last.  So a connection is reset
+between 1 and 1.25 times the limit after its last forwarded chunk (a chunk is
+counted once written whole, up to 256 KiB).  Arming the half-close timer only
+moves the watchdog's next wake-up earlier.
 
 :func:`relay` is the only owner of closing both legs: whatever happens, both
 are closed before it returns or raises.  The closing runs in a ``finally``
@@ -27,6 +38,8 @@ from .streams import Stream
 
 #: Bytes asked of one leg per read.
 CHUNK = 256 * 1024
+#: The watchdog looks this many times per inactivity limit.
+CHECKS = 4
 
 
 @dataclass
@@ -47,6 +60,7 @@ async def relay(
     b: Stream,
     *,
     half_close_timeout: float = 60.0,
+    idle_timeout: float = math.inf,
     result: RelayResult | None = None,
 ) -> RelayResult:
     """Carry bytes both ways until both directions end; close both legs.
@@ -60,14 +74,24 @@ async def relay(
     out = result
     state = State()
     closing = Action.ABORT_BOTH
+    #: The inactivity allowed now: idle_timeout, then (once armed) the shorter one.
+    limit = idle_timeout
+    #: The watchdog's sleep; arming the half-close timer brings its deadline forward.
+    nap = trio.CancelScope()
+    #: Bytes moved when the watchdog last looked, and since when nothing moved.
+    seen = -1
+    quiet_since = trio.current_time()
 
     def apply(event: Event, direction: Dir | None, scope: trio.CancelScope, **kw: str) -> bool:
         """Step the table; carry out what needs no await.  True: send EOF now."""
-        nonlocal state, closing
+        nonlocal state, closing, limit, quiet_since
         state, actions = step(state, event, direction, **kw)
         for action in actions:
             if action is Action.ARM_TIMER:
-                scope.deadline = min(scope.deadline, trio.current_time() + half_close_timeout)
+                if half_close_timeout < limit:
+                    # An EOF is activity too: the shorter limit counts from now.
+                    limit, quiet_since = half_close_timeout, trio.current_time()
+                    nap.deadline = min(nap.deadline, quiet_since + limit / CHECKS)
             elif action is Action.STOP:
                 scope.cancel()
             elif action is Action.CLOSE_BOTH or action is Action.ABORT_BOTH:
@@ -92,14 +116,33 @@ async def relay(
                 out.detail = f"{d.label}: {exc}"
             apply(Event.ERROR, d, scope, outcome=classify(exc))
 
+    async def watchdog(scope: trio.CancelScope) -> None:
+        nonlocal nap, seen, quiet_since
+        while True:
+            now = trio.current_time()
+            moved = out.a_to_b + out.b_to_a
+            if moved != seen:
+                seen, quiet_since = moved, now
+            elif now - quiet_since >= limit - limit / (2 * CHECKS):  # wakes are limit/4 apart
+                scope.cancel()  # the pumps stop; the verdict is TIMEOUT (below)
+                return
+            nap = trio.CancelScope(deadline=now + limit / CHECKS)
+            with nap:
+                await trio.sleep_forever()
+
     try:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
+                if limit != math.inf or half_close_timeout != math.inf:
+                    nursery.start_soon(watchdog, scope)
                 nursery.start_soon(pump, b, a, Dir.B_TO_A, scope)
                 await pump(a, b, Dir.A_TO_B, scope)
         if not state.done and scope.cancelled_caught:
             apply(Event.TIMEOUT, None, scope)
-            out.detail = f"half-closed for more than {half_close_timeout:g}s"
+            if limit == half_close_timeout and limit < idle_timeout:
+                out.detail = f"half-closed and idle for more than {limit:g}s"
+            else:
+                out.detail = f"idle for more than {limit:g}s"
         return out
     finally:
         if not state.done and trio.current_effective_deadline() == -math.inf:

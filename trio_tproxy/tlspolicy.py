@@ -30,8 +30,9 @@ resumption) or raise :class:`HandshakeFailed` with the reason for the log line.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -42,7 +43,7 @@ from . import identity, ossl
 from .config import IdentityPolicy
 from .credentials import Credentials
 from .identity import IdentityError
-from .sessions import SessionCache
+from .sessions import SESSION_LIFETIME, SessionCache
 from .tlserrors import VerifyError, explain
 from .tlsstream import TLSStream
 
@@ -132,6 +133,10 @@ def _context(creds: Credentials, *, server: bool, groups: str | None) -> SSL.Con
         for ca in creds.ca_certs:
             ctx.add_client_ca(ca)
         ctx.set_session_id(SESSION_ID_CONTEXT)
+        # Tickets (and cached sessions) we issue are good for SESSION_LIFETIME
+        # seconds, not OpenSSL's 7200; a resumed session's client certificate
+        # is also checked for expiry (verify_client).
+        ctx.set_timeout(SESSION_LIFETIME)
         ctx.set_alpn_select_callback(_select_alpn)
     else:
         ctx.set_alpn_protos([ALPN])
@@ -185,6 +190,8 @@ class PeerIdentity:
     spiffe_id: str | None
     #: For log lines.
     description: str
+    #: The peer certificate's notAfter (a resumed session must not outlive it).
+    not_after: dt.datetime | None = field(default=None, compare=False)
 
 
 def _peer_cert(conn: SSL.Connection) -> x509.Certificate:
@@ -195,6 +202,14 @@ def _peer_cert(conn: SSL.Connection) -> x509.Certificate:
     cert = conn.get_peer_certificate(as_cryptography=True)
     if cert is None:
         raise IdentityError("no peer certificate")
+    # OpenSSL checks the dates in a full handshake only: a resumed session
+    # carries the certificate of the handshake it came from, maybe expired since.
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        how = " (a resumed session)" if ossl.session_reused(conn) else ""
+        raise IdentityError(
+            f"certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC{how}"
+        )
     return cert
 
 
@@ -205,8 +220,8 @@ def verify_server(
     cert = _peer_cert(conn)
     if policy.mode == "spiffe":
         spiffe_id = identity.check_spiffe(cert, policy)
-        return PeerIdentity(spiffe_id, spiffe_id)
-    return PeerIdentity(None, identity.check_ip(cert, original_dst_ip))
+        return PeerIdentity(spiffe_id, spiffe_id, cert.not_valid_after_utc)
+    return PeerIdentity(None, identity.check_ip(cert, original_dst_ip), cert.not_valid_after_utc)
 
 
 def verify_client(conn: SSL.Connection, policy: IdentityPolicy) -> PeerIdentity:
@@ -214,9 +229,9 @@ def verify_client(conn: SSL.Connection, policy: IdentityPolicy) -> PeerIdentity:
     cert = _peer_cert(conn)
     if policy.mode == "spiffe":
         spiffe_id = identity.check_spiffe(cert, policy)
-        return PeerIdentity(spiffe_id, spiffe_id)
+        return PeerIdentity(spiffe_id, spiffe_id, cert.not_valid_after_utc)
     # ip mode: a client has no address to match; its chain was verified.
-    return PeerIdentity(None, identity.describe(cert))
+    return PeerIdentity(None, identity.describe(cert), cert.not_valid_after_utc)
 
 
 @dataclass(frozen=True)
@@ -367,4 +382,5 @@ async def _abort_shielded(stream: TLSStream) -> None:
 
 def keep_session(sessions: SessionCache, leg: TLSLeg, dst: tuple[str, int]) -> None:
     """After a connection went well: remember its session for the next one to ``dst``."""
-    sessions.keep(leg.stream.conn, dst)
+    if leg.peer.not_after is not None:
+        sessions.keep(leg.stream.conn, dst, leg.peer.not_after, resumed=bool(leg.resumed))
