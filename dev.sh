@@ -70,7 +70,8 @@ case "${1:-}" in
     exec .venv/bin/trio-tproxy demo
     ;;
   test)
-    need_root "$@"; system_packages
+    # dnsutils: dig, for the UDP-over-DTLS tests
+    need_root "$@"; system_packages dnsutils
     python_env test,dev
     .venv/bin/tox run -e lint,types,unit,fuzz,netns
     if [[ ${CI:-} == true ]]; then

@@ -53,6 +53,17 @@ Clients:
                                one TLS echo exchange straight to a TLS port
                                (the benchmark harness's mTLS check)
 
+UDP (one dual-stack [::] socket each):
+
+    udp-echo-server PORT       send each datagram back to its sender, unchanged
+    dns-server PORT            answer every A query with 192.0.2.53 (TTL 60),
+                               anything else with NOTIMP: a stand-in resolver
+    udp-rr HOST PORT COUNT SIZE
+                               COUNT datagram round trips of SIZE bytes (one
+                               in flight; a lost one is counted, waited for
+                               at most 1 s), then the packets per second of a
+                               window of 32 datagrams in flight
+
 The benchmark clients (bulk, rr, connrate, idle, probe) print one JSON object
 on stdout.
 """
@@ -583,6 +594,123 @@ def probe(host: str, port: int, ca: str, cert: str | None, key: str | None) -> N
     emit(result)
 
 
+# -- UDP -----------------------------------------------------------------------
+
+DNS_ANSWER = bytes([192, 0, 2, 53])
+UDP_RR_WAIT = 1.0  # seconds: a datagram not echoed by then is lost
+UDP_WINDOW = 32  # datagrams in flight in the packets-per-second phase
+
+
+def udp_socket(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", port))
+    return sock
+
+
+def udp_echo_server(port: int) -> None:
+    with udp_socket(port) as sock:
+        while True:
+            data, peer = sock.recvfrom(65535)
+            try:
+                sock.sendto(data, peer)
+            except OSError as exc:
+                print(f"apps: udp-echo-server: {exc!r}", file=sys.stderr, flush=True)
+
+
+def dns_answer(query: bytes) -> bytes | None:
+    """The answer to one DNS query (None: not a query we can parse)."""
+    if len(query) < 12:
+        return None
+    ident, flags, qdcount = struct.unpack_from("!HHH", query)
+    if flags & 0x8000 or qdcount != 1:
+        return None
+    pos = 12
+    while pos < len(query) and query[pos]:  # the name, label by label
+        pos += 1 + query[pos]
+    if pos + 5 > len(query):
+        return None
+    qtype, qclass = struct.unpack_from("!HH", query, pos + 1)
+    question = query[12 : pos + 5]
+    rd = flags & 0x0100
+    if qtype == 1 and qclass == 1:
+        header = struct.pack("!HHHHHH", ident, 0x8400 | rd, 1, 1, 0, 0)
+        # name: a pointer to the question's (offset 12); type A, class IN, TTL 60
+        answer = struct.pack("!HHHIH", 0xC00C, 1, 1, 60, 4) + DNS_ANSWER
+        return header + question + answer
+    return struct.pack("!HHHHHH", ident, 0x8404 | rd, 1, 0, 0, 0) + question
+
+
+def dns_server(port: int) -> None:
+    with udp_socket(port) as sock:
+        while True:
+            query, peer = sock.recvfrom(65535)
+            answer = dns_answer(query)
+            if answer is not None:
+                sock.sendto(answer, peer)
+
+
+def udp_rr(host: str, port: int, count: int, size: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    samples: list[float] = []
+    lost = 0
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, port))
+        sock.settimeout(UDP_RR_WAIT)
+        clock = time.perf_counter_ns
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        for i in range(count):
+            message = i.to_bytes(4, "big") + os.urandom(size - 4)
+            start = clock()
+            sock.send(message)
+            try:
+                while sock.recv(65535) != message:  # a late echo of a lost one
+                    pass
+            except TimeoutError:
+                lost += 1
+                continue
+            samples.append((clock() - start) / 1000)
+        rr_seconds = time.perf_counter() - t0
+        # Throughput: keep UDP_WINDOW in flight, count what comes back.
+        message = os.urandom(size)
+        sock.settimeout(UDP_RR_WAIT)
+        sent = received = 0
+        t1 = time.perf_counter()
+        for _ in range(UDP_WINDOW):
+            sock.send(message)
+            sent += 1
+        while sent < count:
+            try:
+                sock.recv(65535)
+            except TimeoutError:
+                break
+            received += 1
+            sock.send(message)
+            sent += 1
+        try:
+            while received < sent:
+                sock.recv(65535)
+                received += 1
+        except TimeoutError:
+            pass
+        pps_seconds = time.perf_counter() - t1 - (UDP_RR_WAIT if received < sent else 0)
+        cpu = cpu_seconds() - cpu0
+    samples.sort()
+    emit(
+        {
+            "count": count,
+            "size": size,
+            "lost": lost,
+            "seconds": rr_seconds,
+            "cpu_seconds": cpu,
+            "p50_us": percentile(samples, 0.50),
+            "p99_us": percentile(samples, 0.99),
+            "pps": received / pps_seconds if pps_seconds > 0 else 0.0,
+            "pps_lost": sent - received,
+        }
+    )
+
+
 def main(argv: list[str]) -> int:
     cmd, args = (argv[0], argv[1:]) if argv else ("", [])
     if cmd == "halfclose-server" and len(args) in (1, 2):
@@ -615,6 +743,12 @@ def main(argv: list[str]) -> int:
         connrate(args[0], int(args[1]), float(args[2]), int(args[3]))
     elif cmd == "idle" and len(args) == 3:
         idle(args[0], int(args[1]), int(args[2]))
+    elif cmd == "udp-echo-server" and len(args) == 1:
+        udp_echo_server(int(args[0]))
+    elif cmd == "dns-server" and len(args) == 1:
+        dns_server(int(args[0]))
+    elif cmd == "udp-rr" and len(args) == 4:
+        udp_rr(args[0], int(args[1]), int(args[2]), int(args[3]))
     elif cmd == "probe" and len(args) in (3, 5):
         probe(args[0], int(args[1]), args[2], *(args[3:5] if len(args) == 5 else (None, None)))
     else:

@@ -201,12 +201,15 @@ class PodLab:
         sidecar = self.sidecars.pop(pod)
         return self.topology.stop(sidecar.process, sig=sig, timeout=timeout)
 
-    def start_app(self, pod: str, *argv: str, port: int) -> subprocess.Popen[bytes]:
-        """Start a plaintext app in ``pod`` and wait until it listens on ``port``."""
+    def start_app(
+        self, pod: str, *argv: str, port: int, protocol: str = "tcp"
+    ) -> subprocess.Popen[bytes]:
+        """Start a plaintext app in ``pod`` and wait until it listens on ``port``
+        (``protocol="udp"``: until its UDP socket is bound)."""
         log = open(self.workdir / f"app-{pod}-{port}.log", "ab")  # noqa: SIM115 - owned by proc
         process = self.topology.popen(pod, list(argv), stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        self.topology.wait_port(pod, "::", port, timeout=10, proc=process)
+        self.topology.wait_port(pod, "::", port, timeout=10, proc=process, protocol=protocol)
         return process
 
     @contextmanager

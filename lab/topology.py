@@ -493,8 +493,10 @@ class Topology:
         timeout: float = 10.0,
         *,
         proc: subprocess.Popen[Any] | None = None,
+        protocol: str = "tcp",
     ) -> None:
-        """Wait until a TCP socket in the host's namespace listens for ``ip:port``.
+        """Wait until a TCP socket in the host's namespace listens for ``ip:port``
+        (``protocol="udp"``: a UDP socket is bound to it).
 
         Wildcard listeners count (0.0.0.0 for IPv4, [::] for IPv6, a dual-stack
         ``*`` for both). It looks at ``ss`` instead of connecting, so the server
@@ -508,7 +510,8 @@ class Topology:
                     f"process {proc.args!r} exited with {proc.returncode} "
                     f"before listening on {ip} port {port} in {host_name}"
                 )
-            listing = self.run(host_name, ["ss", "-Htln"], timeout=timeout, check=True)
+            flags = "-Huln" if protocol == "udp" else "-Htln"
+            listing = self.run(host_name, ["ss", flags], timeout=timeout, check=True)
             if _listens(listing.stdout, ip, port):
                 return
             if time.monotonic() > deadline:

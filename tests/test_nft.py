@@ -62,6 +62,15 @@ CONFIGS: dict[str, Interception] = {
         intercept_cidrs=(net("0.0.0.0/0"), net("::/0")),
         exclude_cidrs=(net("169.254.0.0/16"), net("fe80::/10")),
     ),
+    # UDP over DTLS (opt-in): the only configurations with UDP rules.
+    "udp": Interception(intercept_udp=True, exclude_udp_ports=(5060, 123)),
+    "udp_ports_dns": Interception(
+        intercept_udp=True,
+        intercept_dns=True,
+        udp_ports=(5353, 4789),
+        udp_listen_port=15002,
+        dtls_port=15007,
+    ),
 }
 
 
@@ -227,7 +236,13 @@ def test_every_tproxy_rule_is_followed_by_a_reject_for_the_same_match(name: str)
     # tproxy falls through (NFT_BREAK) when no transparent socket listens: the
     # next verdict for the same packets must refuse them, never the accept policy.
     ic = CONFIGS[name]
-    rules = chain_rules(render(ic), "prerouting")
+    every = chain_rules(render(ic), "prerouting")
+
+    # TCP's rules here, UDP's (the --intercept-udp configurations) below.
+    def is_udp(rule: str) -> bool:
+        return (" udp " in rule or "udp dport" in rule) and "{ tcp, udp }" not in rule
+
+    rules = [r for r in every if not is_udp(r)]
     mark = f"meta mark {ic.recirculate_mark} "
     egress = [i for i, r in enumerate(rules) if r.startswith(mark) and " tproxy " in r]
     assert len(egress) == 2
@@ -241,7 +256,30 @@ def test_every_tproxy_rule_is_followed_by_a_reject_for_the_same_match(name: str)
         "meta l4proto tcp reject with tcp reset",
     ]
     # nothing in this chain accepts other than through tproxy
-    assert all(" tproxy " in r for r in rules if " accept " in r)
+    assert all(" tproxy " in r for r in every if " accept " in r)
+    udp = [r.split(" comment ")[0] for r in every if is_udp(r)]
+    reject = "reject with icmpx type port-unreachable"
+    if not ic.intercept_udp:
+        assert udp == []
+        return
+    u, d = ic.udp_listen_port, ic.dtls_port
+    assert udp == [
+        f"{mark}meta l4proto udp tproxy ip to 127.0.0.1:{u} accept",
+        f"{mark}meta l4proto udp tproxy ip6 to [::1]:{u} accept",
+        f"{mark}meta l4proto udp {reject}",
+        "udp dport @udp_exclude return",
+        f"udp dport {d} tproxy ip to 127.0.0.1:{d} accept",
+        f"udp dport {d} tproxy ip6 to [::1]:{d} accept",
+        f"meta l4proto udp {reject}",
+    ]
+    # the UDP refusals end the chain, each right after its tproxy pair
+    assert every[-1].startswith(f"meta l4proto udp {reject} ")
+    assert every.index(
+        next(r for r in every if r.startswith(f"{mark}meta l4proto udp reject"))
+    ) == (
+        every.index(next(r for r in every if r.startswith(f"{mark}meta l4proto udp tproxy ip6")))
+        + 1
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -212,6 +212,65 @@ def add_interception_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_udp_flags(parser: argparse.ArgumentParser) -> None:
+    """UDP over DTLS (opt-in): the rules' flags; the data path's are run flags."""
+
+    def d(name: str) -> str:
+        return _shown(Interception, name)
+
+    g = parser.add_argument_group("UDP over DTLS (off unless --intercept-udp)")
+    g.add_argument(
+        "--intercept-udp",
+        dest="intercept_udp",
+        action="store_true",
+        default=UNSET,
+        help="also intercept UDP: egress to the intercept CIDRs is carried over DTLS to the "
+        "peer's --dtls-port; inbound UDP is accepted only there",
+    )
+    g.add_argument(
+        "--udp-port",
+        dest="udp_ports",
+        action="append",
+        type=_typed(parse_port),
+        default=UNSET,
+        metavar="PORT",
+        help="intercept only egress UDP to this remote port (repeatable; default: all)",
+    )
+    g.add_argument(
+        "--exclude-udp-port",
+        dest="exclude_udp_ports",
+        action="append",
+        type=_typed(parse_port),
+        default=UNSET,
+        metavar="PORT",
+        help="UDP port left in plaintext, inbound and outbound (repeatable)",
+    )
+    g.add_argument(
+        "--intercept-dns",
+        dest="intercept_dns",
+        action="store_true",
+        default=UNSET,
+        help="also intercept UDP port 53 (by default DNS is left alone: the cluster's "
+        "resolvers have no sidecar)",
+    )
+    g.add_argument(
+        "--udp-listen-port",
+        dest="udp_listen_port",
+        type=_typed(parse_port),
+        metavar="PORT",
+        default=UNSET,
+        help=f"UDP (egress) listener port, on loopback (default {d('udp_listen_port')})",
+    )
+    g.add_argument(
+        "--dtls-port",
+        dest="dtls_port",
+        type=_typed(parse_port),
+        metavar="PORT",
+        default=UNSET,
+        help=f"UDP port peers send DTLS to, and our DTLS listener's (default {d('dtls_port')})",
+    )
+
+
 def interception_from(args: argparse.Namespace) -> Interception:
     given = _given(
         args,
@@ -227,6 +286,12 @@ def interception_from(args: argparse.Namespace) -> Interception:
         "exclude_cidrs",
         "exclude_inbound_ports",
         "exclude_outbound_ports",
+        "intercept_udp",
+        "udp_ports",
+        "exclude_udp_ports",
+        "intercept_dns",
+        "udp_listen_port",
+        "dtls_port",
     )
     for name in ("intercept_cidrs", "exclude_cidrs"):
         if name in given:
@@ -236,7 +301,12 @@ def interception_from(args: argparse.Namespace) -> Interception:
     admin_port = admin_port_from(args)
     if admin_port:
         given["exclude_inbound_ports"] = [*given.get("exclude_inbound_ports", ()), admin_port]
-    for name in ("exclude_inbound_ports", "exclude_outbound_ports"):
+    for name in (
+        "exclude_inbound_ports",
+        "exclude_outbound_ports",
+        "udp_ports",
+        "exclude_udp_ports",
+    ):
         if name in given:
             given[name] = tuple(sorted(set(given[name])))
     return Interception(**given)
@@ -503,6 +573,36 @@ def add_run_flags(parser: _Parser) -> None:
         help="TLS sessions kept to resume connections to peers, 0: off (default "
         f"{_shown(ProxyConfig, 'session_cache')})",
     )
+    # Last, so that the usage line starts with the flags every user needs.
+    add_udp_flags(parser)
+    u = parser.add_argument_group("UDP flows (with --intercept-udp)")
+    u.add_argument(
+        "--udp-idle-timeout",
+        dest="udp_idle_timeout",
+        type=_typed(parse_seconds),
+        default=UNSET,
+        metavar="S",
+        help="a flow silent both ways this long ends (default "
+        f"{_shown(ProxyConfig, 'udp_idle_timeout')})",
+    )
+    u.add_argument(
+        "--udp-max-flows",
+        dest="udp_max_flows",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="N",
+        help="most UDP flows at once; more are dropped (default "
+        f"{_shown(ProxyConfig, 'udp_max_flows')})",
+    )
+    u.add_argument(
+        "--udp-mtu",
+        dest="udp_mtu",
+        type=_typed(parse_int),
+        default=UNSET,
+        metavar="BYTES",
+        help="link MTU towards peers: larger app datagrams are dropped (default "
+        f"{_shown(ProxyConfig, 'udp_mtu')})",
+    )
 
 
 def config_from(args: argparse.Namespace) -> ProxyConfig:
@@ -535,6 +635,9 @@ def config_from(args: argparse.Namespace) -> ProxyConfig:
             "drain_new",
             "on_exit",
             "log_format",
+            "udp_idle_timeout",
+            "udp_max_flows",
+            "udp_mtu",
         ),
         admin_port=admin_port_from(args),
     )
@@ -652,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rules.add_argument("action", choices=("show", "apply", "delete"))
     add_interception_flags(rules)
+    add_udp_flags(rules)
     rules.set_defaults(func=cmd_rules)
 
     doctor = sub.add_parser(

@@ -28,6 +28,10 @@ DEFAULT_INTERCEPT_CIDRS: tuple[IPNetwork, ...] = (
 )
 
 
+#: Left out of UDP interception unless ``--intercept-dns``.
+DNS_PORT = 53
+
+
 class ConfigError(ValueError):
     """A bad flag, file or value. ``str(exc)`` is the one line shown to the user."""
 
@@ -255,6 +259,19 @@ class Interception:
     route_table: int = 10
     #: Priority of the ``ip rule`` (0 lets the kernel choose, like ``ip rule add``).
     rule_priority: int = 0
+    #: UDP (opt-in): egress UDP to the intercept CIDRs goes to the UDP listener on
+    #: ``udp_listen_port`` (loopback), and is carried to the peer's ``dtls_port`` over DTLS.
+    intercept_udp: bool = False
+    udp_listen_port: int = 1
+    #: The UDP port peers send DTLS to (on the wire, unlike ``tls_port``).
+    dtls_port: int = 2
+    #: If not empty, only egress UDP to these remote ports is intercepted.
+    udp_ports: tuple[int, ...] = ()
+    #: UDP ports never intercepted, either way (local port inbound, remote outbound).
+    exclude_udp_ports: tuple[int, ...] = ()
+    #: DNS (UDP port 53) is left alone unless this is set: the cluster's
+    #: resolvers have no sidecar to speak DTLS with.
+    intercept_dns: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", self.table):
@@ -271,6 +288,7 @@ class Interception:
             check_port(port, "--exclude-outbound-port")
         if self.tcp_port == self.tls_port:
             raise ConfigError(f"--tcp-port and --tls-port are both {self.tcp_port}")
+        self._check_udp()
         check_mark(self.recirculate_mark, "--recirculate-mark")
         check_mark(self.bypass_mark, "--bypass-mark")
         check_mark(self.preserve_mark, "--preserve-mark")
@@ -305,6 +323,24 @@ class Interception:
                 f"invalid rule priority {self.rule_priority!r}: must be in 0..{U32_MAX} "
                 "(0: the kernel chooses)"
             )
+
+    def _check_udp(self) -> None:
+        check_port(self.udp_listen_port, "--udp-listen-port")
+        check_port(self.dtls_port, "--dtls-port")
+        if self.udp_listen_port == self.dtls_port:
+            raise ConfigError(f"--udp-listen-port and --dtls-port are both {self.dtls_port}")
+        for port in self.udp_ports:
+            check_port(port, "--udp-port")
+        for port in self.exclude_udp_ports:
+            check_port(port, "--exclude-udp-port")
+        if self.dtls_port in self.exclude_udp_ports:
+            raise ConfigError(f"--exclude-udp-port {self.dtls_port} is the --dtls-port")
+
+    @property
+    def udp_excluded(self) -> tuple[int, ...]:
+        """UDP ports left alone both ways: the excluded ones, and DNS unless intercepted."""
+        dns = () if self.intercept_dns else (DNS_PORT,)
+        return tuple(sorted({*self.exclude_udp_ports, *dns}))
 
     @property
     def cidrs4(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -456,6 +492,12 @@ class ProxyConfig:
     admin_port: int = 15020
     #: Log lines: ``text`` (one line per connection) or ``json`` (one object per line).
     log_format: Literal["text", "json"] = "text"
+    #: UDP (with ``interception.intercept_udp``): seconds a flow may stay silent
+    #: both ways before it ends, and the most flows carried at once.
+    udp_idle_timeout: float = 60.0
+    udp_max_flows: int = 4096
+    #: Link MTU towards peers: a DTLS record, its UDP and IP headers must fit.
+    udp_mtu: int = 1500
 
     def __post_init__(self) -> None:
         check_positive(self.credential_poll, "--credential-poll")
@@ -468,6 +510,10 @@ class ProxyConfig:
             check_port(self.admin_port, "--admin-port")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"invalid --log-format {self.log_format!r}: text or json")
+        check_positive(self.udp_idle_timeout, "--udp-idle-timeout")
+        check_positive(self.udp_max_flows, "--udp-max-flows")
+        if isinstance(self.udp_mtu, bool) or not 576 <= self.udp_mtu <= 65535:
+            raise ConfigError(f"invalid --udp-mtu {self.udp_mtu!r}: must be in 576..65535")
         check_at_least_zero(self.verbosity, "verbosity -v")
         check_positive(self.route_check_interval, "--route-check-interval")
         check_at_least_zero(self.session_cache, "--session-cache")

@@ -153,6 +153,109 @@ def _destination(name: Any) -> tuple[str, int]:
     return str(address), int(name[1])
 
 
+# --------------------------------------------------------------------------- UDP
+
+# Python's socket module has none of these (linux/in.h, linux/in6.h).
+#: IP_RECVORIGDSTADDR (= IP_ORIGDSTADDR, the cmsg type): recvmsg reports each
+#: datagram's destination before TPROXY, as a struct sockaddr_in.
+IP_RECVORIGDSTADDR: Final = 20
+#: IPV6_RECVORIGDSTADDR (= IPV6_ORIGDSTADDR): the same, struct sockaddr_in6.
+IPV6_RECVORIGDSTADDR: Final = 74
+#: IP_PKTINFO: sendmsg with a struct in_pktinfo chooses the source address.
+IP_PKTINFO: Final = 8
+#: Room for one IP(V6)_ORIGDSTADDR message (a sockaddr_in6 is the larger).
+ORIGDST_CMSG_SPACE: Final = socket.CMSG_SPACE(28)
+_SOCKADDR_IN: Final = struct.Struct("=H2s4s8x")  # family, port (network order), address
+_SOCKADDR_IN6: Final = struct.Struct("=H2s4x16s4x")  # family, port, flowinfo, address, scope
+
+
+def set_recv_original_destination(sock: SocketLike) -> None:
+    """Have ``recvmsg`` report each datagram's original destination (TPROXY'd UDP)."""
+    if sock.family == socket.AF_INET:
+        sock.setsockopt(SOL_IP, IP_RECVORIGDSTADDR, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+
+
+def original_destination_of_datagram(
+    ancdata: list[tuple[int, int, bytes]],
+) -> tuple[str, int] | None:
+    """The original destination in ``recvmsg``'s ancillary data, or None if absent."""
+    for level, kind, data in ancdata:
+        if level == SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= _SOCKADDR_IN.size:
+            _, port, addr = _SOCKADDR_IN.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET, addr), int.from_bytes(port, "big")
+        if (
+            level == socket.IPPROTO_IPV6
+            and kind == IPV6_RECVORIGDSTADDR
+            and len(data) >= _SOCKADDR_IN6.size
+        ):
+            _, port, addr = _SOCKADDR_IN6.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET6, addr), int.from_bytes(port, "big")
+    return None
+
+
+def source_address_cmsg(host: str) -> tuple[int, int, bytes]:
+    """Ancillary data for ``sendmsg`` that sends from ``host`` (IP_PKTINFO / IPV6_PKTINFO).
+
+    The port is the socket's own. Lets one listener answer from whichever
+    address a datagram was sent to (the DTLS cookie exchange, before a flow
+    has a socket of its own).
+    """
+    if ":" in host:
+        # struct in6_pktinfo: address, interface index (0: any)
+        return (
+            socket.IPPROTO_IPV6,
+            socket.IPV6_PKTINFO,
+            struct.pack("=16si", socket.inet_pton(socket.AF_INET6, host), 0),
+        )
+    # struct in_pktinfo: interface index, source ("spec_dst"), header destination (unused)
+    return SOL_IP, IP_PKTINFO, struct.pack("=i4s4x", 0, socket.inet_pton(socket.AF_INET, host))
+
+
+#: IPV6_CHECKSUM: the kernel computes a raw IPv6 socket's checksum at this offset.
+IPV6_CHECKSUM: Final = getattr(socket, "IPV6_CHECKSUM", 7)
+_UDP_HEADER: Final = struct.Struct("!HHHH")  # source port, destination port, length, checksum
+_UDP_PORTS: Final = struct.Struct("!HH")
+_UDP_TAIL: Final = struct.Struct("!HH")
+_UDP_CHECKSUM_OFFSET: Final = 6
+
+
+def raw_udp_socket(family: int, mark: int) -> socket.socket:
+    """A raw UDP socket that sends datagrams with any source address and port.
+
+    For a flow whose reply socket cannot bind the original destination: the
+    app itself holds a wildcard socket on that port number, and a bind
+    conflicts whatever the address. The source address comes from IP(V6)_PKTINFO
+    (IP_TRANSPARENT lets it be a foreign one), the source port from the UDP
+    header we write. IPv4's UDP checksum is left 0 ("none", RFC 768); IPv6
+    requires one and the kernel computes it (IPV6_CHECKSUM). It never reads:
+    a raw socket gets a copy of every UDP datagram, so its buffer is the
+    smallest the kernel allows.
+    """
+    sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    try:
+        set_transparent(sock)
+        set_mark(sock, mark)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, _UDP_CHECKSUM_OFFSET)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def raw_udp_ports(src_port: int, dst_port: int) -> bytes:
+    """The first half of a UDP header (the same for every datagram of a flow)."""
+    return _UDP_PORTS.pack(src_port, dst_port)
+
+
+def raw_udp_tail(payload_length: int) -> bytes:
+    """The second half of a UDP header: length, and checksum 0 (IPv4: none; IPv6: the kernel's)."""
+    return _UDP_TAIL.pack(_UDP_HEADER.size + payload_length, 0)
+
+
 # --------------------------------------------------------------------------- routing
 
 

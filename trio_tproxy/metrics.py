@@ -22,6 +22,7 @@ Metric names (all ``trio_tproxy_``-prefixed except the process ones):
 ``rule_check_failures_total``                  counter  drift checks that failed
 ``credential_expiry_timestamp_seconds``        gauge    our certificate's notAfter (Unix)
 ``draining``                                   gauge    1 from SIGTERM until exit
+``udp_events_total{event}``                    counter  with --intercept-udp: flows, packets, drops
 ``process_open_fds`` (and ``process_*``)       gauge    prometheus_client's ProcessCollector
 =============================================  =======  ===============================
 
@@ -163,6 +164,16 @@ class SidecarCollector:
         yield CounterMetricFamily(
             "trio_tproxy_rule_check_failures", "Drift checks that failed.", s.rule_check_failures
         )
+        if s.udp:  # --intercept-udp only: a TCP-only sidecar's metrics are unchanged
+            udp = CounterMetricFamily(
+                "trio_tproxy_udp_events",
+                "UDP over DTLS: flows ended by direction_outcome, packets and bytes each "
+                "way, datagrams dropped by reason (drop_*), cookies sent.",
+                labels=["event"],
+            )
+            for event, n in sorted(s.udp.items()):
+                udp.add_metric([event], n)
+            yield udp
         for name, value in (self.extra() if self.extra else {}).items():
             yield GaugeMetricFamily(f"trio_tproxy_{name}", _HELP.get(name, name), value)
 

@@ -56,8 +56,8 @@ every stack turns it into ECONNREFUSED at once. ICMP port unreachable is not
 TCP's answer, admin-prohibited is a soft error (RFC 1122, RFC 1812: many
 stacks retry until their connect timeout) and is often filtered on the way,
 and ICMP does not end an established flow (RFC 5927). ICMP is what a UDP peer
-expects, but only TCP is intercepted, so no other protocol reaches these
-rules. The whole table is one transaction: it is loaded with its refusals, or
+expects: with ``--intercept-udp`` (and only then) UDP has rules of its own,
+refused with ICMP port unreachable (see the UDP helpers below render). The whole table is one transaction: it is loaded with its refusals, or
 not at all.
 
 Every set is always declared, empty or not, so the table has one shape whatever
@@ -119,6 +119,110 @@ def _rule(text: str, comment: str) -> str:
     return f'\t\t{text} comment "{comment}"'
 
 
+# UDP (``--intercept-udp``): rendered only when asked for, so that the TCP-only
+# table stays exactly what it was. Egress UDP follows TCP's path (the same
+# mark, rule and route) to the UDP listener; inbound UDP is only welcome on
+# the DTLS port. What no socket takes is refused with ICMP port unreachable
+# (icmpx: the right ICMP type for each family), which is what a UDP sender
+# expects from a closed port: a connected socket's next call fails with
+# ECONNREFUSED (see docs/kernel.md).
+
+_UDP_REJECT = "reject with icmpx type port-unreachable"
+
+
+def _udp_sets(ic: Interception) -> list[str]:
+    if not ic.intercept_udp:
+        return []
+    return [
+        *_set(
+            "udp_ports",
+            "inet_service",
+            "remote ports whose outbound UDP is intercepted (empty: all)",
+            _ports(ic.udp_ports),
+            False,
+        ),
+        *_set(
+            "udp_exclude",
+            "inet_service",
+            "UDP ports never intercepted, either way (DNS unless --intercept-dns)",
+            _ports(ic.udp_excluded),
+            False,
+        ),
+    ]
+
+
+def _udp_egress_prerouting(ic: Interception) -> list[str]:
+    if not ic.intercept_udp:
+        return []
+    mark, port = ic.recirculate_mark, ic.udp_listen_port
+    return [
+        # A flow's later datagrams go to its own connected socket (tproxy's
+        # established lookup), the first ones to the listener.
+        _rule(
+            f"meta mark {mark} meta l4proto udp tproxy ip to 127.0.0.1:{port} accept",
+            "egress UDP looped back through lo: UDP listener",
+        ),
+        _rule(
+            f"meta mark {mark} meta l4proto udp tproxy ip6 to [::1]:{port} accept",
+            "egress UDP looped back through lo: UDP listener (IPv6)",
+        ),
+        _rule(
+            f"meta mark {mark} meta l4proto udp {_UDP_REJECT}",
+            "fail closed: egress UDP no listener took (sidecar down) is refused, never sent",
+        ),
+    ]
+
+
+def _not_intercepted(ic: Interception) -> str:
+    if not ic.intercept_udp:
+        return _rule("meta l4proto != tcp return", "only TCP is intercepted: ICMP, UDP, ... pass")
+    return _rule(
+        "meta l4proto != { tcp, udp } return", "only TCP and UDP are intercepted: ICMP, ... pass"
+    )
+
+
+def _udp_ingress(ic: Interception) -> list[str]:
+    if not ic.intercept_udp:
+        return []
+    port = ic.dtls_port
+    return [
+        _rule("udp dport @udp_exclude return", "excluded inbound UDP port"),
+        # Peers' sidecars send DTLS to this port only; an association's later
+        # datagrams go to its own connected socket (established lookup).
+        _rule(
+            f"udp dport {port} tproxy ip to 127.0.0.1:{port} accept",
+            "inbound DTLS from a peer sidecar: DTLS listener",
+        ),
+        _rule(
+            f"udp dport {port} tproxy ip6 to [::1]:{port} accept",
+            "inbound DTLS from a peer sidecar: DTLS listener (IPv6)",
+        ),
+        _rule(
+            f"meta l4proto udp {_UDP_REJECT}",
+            "fail closed: inbound UDP in plaintext, or DTLS no listener took, is refused",
+        ),
+    ]
+
+
+def _udp_egress_output(ic: Interception) -> list[str]:
+    if not ic.intercept_udp:
+        return []
+    only = (
+        [_rule("udp dport != @udp_ports return", "outbound UDP port not intercepted")]
+        if ic.udp_ports
+        else []
+    )
+    return [
+        _rule("udp dport @udp_exclude return", "excluded outbound UDP port (DNS by default)"),
+        *only,
+        _rule(
+            f'oifname != "lo" meta l4proto udp meta mark set {ic.recirculate_mark}',
+            f"egress UDP: ip rule fwmark {ic.recirculate_mark} sends it to route table "
+            f"{ic.route_table}",
+        ),
+    ]
+
+
 def render(ic: Interception) -> str:
     """The whole transaction that (re)creates table ``inet <ic.table>``.
 
@@ -175,6 +279,7 @@ def render(ic: Interception) -> str:
             _ports(ic.exclude_inbound_ports),
             False,
         ),
+        *_udp_sets(ic),
         *_set(
             "out_ports",
             "inet_service",
@@ -203,10 +308,11 @@ def render(ic: Interception) -> str:
             f"meta mark {mark} meta l4proto tcp reject with tcp reset",
             "fail closed: egress no listener took (sidecar down) is refused, never sent",
         ),
+        *_udp_egress_prerouting(ic),
         _rule(
             'iifname "lo" return', "other local traffic, e.g. the proxy's own dials, is not ingress"
         ),
-        _rule("meta l4proto != tcp return", "only TCP is intercepted: ICMP, UDP, ... pass"),
+        _not_intercepted(ic),
         # Inbound packets of connections the pod opened: SYN-ACKs to the
         # sidecar's own dials, replies of excluded or direct egress. No
         # transparent socket owns them: they would reach the reject below.
@@ -241,6 +347,7 @@ def render(ic: Interception) -> str:
             "meta l4proto tcp reject with tcp reset",
             "fail closed: ingress no listener took (sidecar down) is refused, never delivered",
         ),
+        *_udp_ingress(ic),
         "\t}",
         "\tchain output {",
         # nft 1.0.6 rejects `priority srcnat - 5` here; 95 is the same number.
@@ -268,6 +375,7 @@ def render(ic: Interception) -> str:
         _rule("ip daddr @exclude4 return", "excluded IPv4 destination"),
         _rule("ip6 daddr @exclude6 return", "excluded IPv6 destination"),
         _rule("tcp dport @out_ports return", "excluded outbound port"),
+        *_udp_egress_output(ic),
         _rule(
             f'oifname != "lo" meta l4proto tcp meta mark set {mark}',
             f"egress: ip rule fwmark {mark} sends it to route table {ic.route_table}",

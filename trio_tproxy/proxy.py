@@ -57,6 +57,7 @@ from .plainstream import PlainStream
 from .relay import RelayResult, relay
 from .sessions import SessionCache
 from .streams import Stream
+from .udp import UDPService
 
 log = logging.getLogger("trio_tproxy")
 #: One line per finished connection; enabled from ``-v 1``.
@@ -122,6 +123,8 @@ class Stats:
 
     #: Inbound connections a permissive port passed to the app without TLS.
     plaintext_accepted: int = 0
+    #: UDP flows by outcome, packets, bytes and drops by reason (``--intercept-udp``).
+    udp: Counter[str] = field(default_factory=Counter)
 
 
 class Refused(Exception):
@@ -241,6 +244,12 @@ class Sidecar:
         self.bound: dict[str, list[Address]] = {"egress": [], "ingress": []}
         #: Ports of our own listeners: never a destination we dial.
         self.own_ports: frozenset[int] = frozenset(p for p in self.ports if p)
+        #: UDP over DTLS, when asked for (it needs the kernel options).
+        self.udp = (
+            UDPService(config, credentials, self.stats.udp, listen_hosts=listen_hosts)
+            if ic.intercept_udp and kernel_options
+            else None
+        )
         #: Source ports of the inbound connections we hold, by (client IP, port
         #: dialed): a preserved-address dial to the app must not pick one (see
         #: :meth:`dial`).
@@ -275,6 +284,9 @@ class Sidecar:
         if old is not None:
             old.clear()  # a live egress connection may still keep() into it: harmless
         self.credentials = credentials
+        udp = getattr(self, "udp", None)  # None too while __init__ runs
+        if udp is not None:
+            udp.use_credentials(credentials)
 
     # -- sockets we dial -------------------------------------------------------
 
@@ -420,6 +432,8 @@ class Sidecar:
                     )
                 nursery.start_soon(expiry.watch, lambda: self.credentials)
                 nursery.start_soon(self._trim_after_bursts)
+                if self.udp is not None:
+                    await nursery.start(self.udp.serve)
                 task_status.started(self.bound)
         finally:
             for _, listener in listeners:
