@@ -16,6 +16,7 @@ to app B through both sidecars as a *transport* for the relay property
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -344,3 +345,20 @@ class Pods:
             if time.monotonic() > deadline:
                 raise AssertionError(f"sidecar fds {before} -> {now}: a relay leg was left open")
             await trio.sleep(0.02)
+
+
+def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int = 0, timeout: float = 10) -> str:
+    """The first line of ``pod``'s sidecar log after offset ``since`` matching ``pattern``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = lab.sidecars[pod].log()[since:]
+        if m := re.search(pattern, log):
+            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
+        time.sleep(0.05)
+
+
+def offsets(lab: PodLab) -> dict[str, int]:
+    """Where each sidecar's log ends now (for :func:`wait_for_log`'s ``since``)."""
+    return {pod: len(s.log()) for pod, s in lab.sidecars.items()}

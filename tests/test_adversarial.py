@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -41,6 +40,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from lab import pods
 from lab.netns import next_prefix, probe
 from lab.pods import PodLab, spiffe_id
 
@@ -107,14 +107,7 @@ def wait_until(
 
 
 def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int, timeout: float = 15) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = lab.sidecars[pod].log()[since:]
-        if m := re.search(pattern, log):
-            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
-        time.sleep(0.05)
+    return pods.wait_for_log(lab, pod, pattern, since, timeout)
 
 
 def assert_clean(log: str) -> None:

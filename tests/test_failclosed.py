@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from lab.netns import next_prefix, socket_in
-from lab.pods import PodLab
+from lab.pods import PodLab, wait_for_log
 
 pytestmark = pytest.mark.netns
 
@@ -161,17 +161,6 @@ def marker(what: str) -> bytes:
 def rules(lab: PodLab, pod: str, action: str, *flags: str) -> None:
     out = lab.topology.run(pod, [*CLI, "rules", action, *flags])
     assert out.returncode == 0, out.stderr
-
-
-def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = lab.sidecars[pod].log()[since:]
-        if m := re.search(pattern, log):
-            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
-        time.sleep(0.05)
 
 
 def bracket(ip: str, port: int) -> str:

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import pytest
 
 from lab.netns import next_prefix, probe, socket_in
-from lab.pods import PodLab, spiffe_id
+from lab.pods import PodLab, spiffe_id, wait_for_log
 
 pytestmark = pytest.mark.netns
 
@@ -101,18 +101,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
             port=APPTLS,
         )
         yield lab
-
-
-def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int = 0, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        log = lab.sidecars[pod].log()[since:]
-        m = re.search(pattern, log)
-        if m:
-            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
-        time.sleep(0.05)
 
 
 def since(lab: PodLab, pod: str) -> int:

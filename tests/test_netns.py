@@ -28,7 +28,7 @@ import trio
 
 from fuzz.relay_property import run_script, scripts
 from lab.netns import next_prefix, probe
-from lab.pods import PodLab, Pods, spiffe_id
+from lab.pods import PodLab, Pods, offsets, spiffe_id, wait_for_log
 
 pytestmark = pytest.mark.netns
 
@@ -61,23 +61,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
         lab.start_app("b", py, "-m", "http.server", str(HTTP), "--bind", "::", port=HTTP)
         lab.start_app("outside", py, "-m", "lab.apps", "echo-server", str(ECHO), port=ECHO)
         yield lab
-
-
-def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int = 0, timeout: float = 10) -> str:
-    """The first log line of ``pod``'s sidecar after offset ``since`` matching ``pattern``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = lab.sidecars[pod].log()[since:]
-        m = re.search(pattern, log)
-        if m:
-            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
-        time.sleep(0.05)
-
-
-def offsets(lab: PodLab) -> dict[str, int]:
-    return {pod: len(s.log()) for pod, s in lab.sidecars.items()}
 
 
 def restart(lab: PodLab, pod: str, *flags: str, identity: str | None = None) -> None:

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from lab.netns import next_prefix, socket_in
-from lab.pods import PodLab, spiffe_id
+from lab.pods import PodLab, offsets, spiffe_id, wait_for_log
 from trio_tproxy.config import TLSFiles
 
 pytestmark = pytest.mark.netns
@@ -74,23 +74,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodLab]:
             )
         lab.start_app("b", py, "-m", "lab.apps", "dns-server", str(DNS), port=DNS, protocol="udp")
         yield lab
-
-
-def wait_for_log(lab: PodLab, pod: str, pattern: str, since: int = 0, timeout: float = 10) -> str:
-    """The first log line of ``pod``'s sidecar after offset ``since`` matching ``pattern``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = lab.sidecars[pod].log()[since:]
-        m = re.search(pattern, log)
-        if m:
-            return log[log.rfind("\n", 0, m.start()) + 1 : log.find("\n", m.end())]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no line /{pattern}/ in sidecar {pod}'s log:\n{log[-3000:]}")
-        time.sleep(0.05)
-
-
-def offsets(lab: PodLab) -> dict[str, int]:
-    return {pod: len(s.log()) for pod, s in lab.sidecars.items()}
 
 
 def client(lab: PodLab, family: str, timeout: float = 5.0, pod: str = "a") -> socket.socket:
