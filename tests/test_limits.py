@@ -1,9 +1,8 @@
 """Limits without the kernel: the admission counters, the warning throttle, the
-expiry schedule (pure), and the limits through two loopback sidecars."""
+open-file limit, and the limits through two loopback sidecars."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import resource
 
@@ -14,7 +13,7 @@ from test_proxy import connect, echo_app, egress_port, ingress_port, pods, wait_
 
 from lab.chain import expect_reset
 from lab.pki import make_pki
-from trio_tproxy import expiry, limits
+from trio_tproxy import limits
 from trio_tproxy.config import ConfigError, Limits, Timeouts
 
 
@@ -79,21 +78,6 @@ def test_raise_fd_limit_goes_to_the_hard_limit():
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def test_expiry_schedule_few_lines_then_the_expiry():
-    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    end = start + dt.timedelta(days=90)
-    now = start
-    assert expiry.warning_text(start, end, now) is None
-    lines = []
-    while (wait := expiry.next_warning(start, end, now)) != float("inf"):
-        now += dt.timedelta(seconds=wait)
-        if (text := expiry.warning_text(start, end, now)) is not None:
-            lines.append(text)
-    assert "expires in 9.0 days" in lines[0], lines[0]
-    assert "expired" in lines[-1] and now >= end
-    assert 10 <= len(lines) <= 30, len(lines)
 
 
 # --- through two loopback sidecars ---------------------------------------------------

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import expiry, kernel, limits, memory, peek, tlspolicy
+from . import kernel, limits, memory, peek, tlspolicy
 from .clienthello import SIDECAR
 from .config import ProxyConfig
 from .credentials import Credentials
@@ -226,7 +226,7 @@ class Sidecar:
         """``ports``: (egress, ingress) to bind instead of the configured ones; 0 lets
         the kernel choose (tests): ``serve`` reports what was bound."""
         self.config = config
-        #: Ours; whoever reloads them replaces this (the expiry warning reads it).
+        #: Ours; a reload replaces them (lifecycle's credential watcher warns before expiry).
         self.credentials = credentials
         self.listen_hosts = listen_hosts
         self.kernel_options = kernel_options
@@ -430,7 +430,6 @@ class Sidecar:
                         listener,
                         self._gate(kind, handler),
                     )
-                nursery.start_soon(expiry.watch, lambda: self.credentials)
                 nursery.start_soon(self._trim_after_bursts)
                 if self.udp is not None:
                     await nursery.start(self.udp.serve)
