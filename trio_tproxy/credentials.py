@@ -54,11 +54,6 @@ class Credentials:
             f"valid until {_fmt(self.not_after)}"
         )
 
-    def expiry_warning_at(self, fraction: float) -> dt.datetime:
-        """When less than ``fraction`` of the certificate's lifetime is left."""
-        lifetime = self.not_after - self.cert.not_valid_before_utc
-        return self.not_after - lifetime * fraction
-
 
 def load_credentials(files: TLSFiles, *, now: dt.datetime | None = None) -> Credentials:
     """Read and check our certificate, key and CA bundle; ConfigError names the bad file."""

@@ -553,14 +553,8 @@ class Sidecar:
         except Refused as exc:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
-            conn.refusal, ended = str(exc), "refused"
-            self._report(conn, ended)  # now: closing may take the alert's grace period
-            if exc.alert_sent:
-                with trio.CancelScope(shield=True):
-                    await app.abort()  # the app learns at once; the peer gets our alert
-                await exc.stream.close_after_alert()
-            else:
-                legs.append(exc.stream)
+            ended = "refused"
+            await self._handshake_failed(conn, exc, legs, app)
         except trio.Cancelled:
             ended = "cancelled"
             raise
@@ -569,6 +563,25 @@ class Sidecar:
         finally:
             await _abort_all(legs)
             self._report(conn, ended)
+
+    async def _handshake_failed(
+        self,
+        conn: _Conn,
+        exc: tlspolicy.HandshakeFailed,
+        legs: list[Stream],
+        app: Stream | None = None,
+    ) -> None:
+        """Report a failed handshake now (closing may take the alert's grace
+        period), then let the peer read our alert before the socket closes."""
+        conn.refusal = str(exc)
+        self._report(conn, "refused")
+        if not exc.alert_sent:
+            legs.append(exc.stream)  # closed with the other legs
+            return
+        if app is not None:
+            with trio.CancelScope(shield=True):
+                await app.abort()  # the app learns at once; the peer gets our alert
+        await exc.stream.close_after_alert()
 
     async def handle_ingress(self, sock: trio.socket.SocketType, src: Address) -> None:
         conn = _Conn("ingress", src, ("?", 0), trio.current_time())
@@ -628,12 +641,8 @@ class Sidecar:
         except (Refused, peek.PeekFailed) as exc:
             conn.refusal, ended = str(exc), "refused"
         except tlspolicy.HandshakeFailed as exc:
-            conn.refusal, ended = str(exc), "refused"
-            self._report(conn, ended)  # now: closing may take the alert's grace period
-            if exc.alert_sent:
-                await exc.stream.close_after_alert()
-            else:
-                legs.append(exc.stream)
+            ended = "refused"
+            await self._handshake_failed(conn, exc, legs)
         except trio.Cancelled:
             ended = "cancelled"
             raise

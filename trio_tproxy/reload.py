@@ -77,10 +77,14 @@ class Watched(Protocol):
 
     def describe(self) -> str: ...
 
-    def expiry_warning_at(self, fraction: float) -> dt.datetime: ...
-
 
 C = TypeVar("C", bound=Watched)
+
+
+def warning_at(creds: Watched, fraction: float) -> dt.datetime:
+    """When less than ``fraction`` of the certificate's lifetime is left."""
+    lifetime = creds.not_after - creds.cert.not_valid_before_utc
+    return creds.not_after - lifetime * fraction
 
 
 class CredentialWatcher(Generic[C]):
@@ -188,7 +192,7 @@ class CredentialWatcher(Generic[C]):
                     creds.describe(),
                     self.paths[0],
                 )
-        elif now >= creds.expiry_warning_at(self.fraction):
+        elif now >= warning_at(creds, self.fraction):
             if (serial, "soon") not in self._warned:
                 self._warned.add((serial, "soon"))
                 left = creds.not_after - now

@@ -141,10 +141,6 @@ class ServingCert:
             f"valid until {self.not_after:%Y-%m-%d %H:%M:%S} UTC"
         )
 
-    def expiry_warning_at(self, fraction: float) -> dt.datetime:
-        lifetime = self.not_after - self.cert.not_valid_before_utc
-        return self.not_after - lifetime * fraction
-
 
 def load_serving_cert(cert_path: Path, key_path: Path) -> ServingCert:
     """Read and check the serving certificate; ConfigError names the bad file."""
