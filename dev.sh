@@ -49,7 +49,9 @@ python_env() {
     rm -rf .venv
     python3 -m venv .venv
   fi
-  stamp="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extras}"
+  # A C compiler that appeared since (dev.sh test installs one) builds the
+  # compiled data path: install again then.
+  stamp="$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1) ${extras} cc=$(command -v cc || true)"
   if [[ $(cat .venv/.installed 2>/dev/null) != "$stamp" ]]; then
     echo "==> installing trio-tproxy${extras:+[$extras]} into .venv"
     rm -f .venv/.installed
@@ -70,8 +72,9 @@ case "${1:-}" in
     exec .venv/bin/trio-tproxy demo
     ;;
   test)
-    # dnsutils: dig, for the UDP-over-DTLS tests
-    need_root "$@"; system_packages dnsutils
+    # dnsutils: dig, for the UDP-over-DTLS tests; gcc: the compiled data path,
+    # which the tests run beside the pure-Python one
+    need_root "$@"; system_packages dnsutils gcc libc6-dev
     python_env test,dev
     .venv/bin/tox run -e lint,types,unit,fuzz,netns
     if [[ ${CI:-} == true ]]; then
@@ -90,7 +93,7 @@ case "${1:-}" in
     exec bash .ci/fresh-machine
     ;;
   bench)
-    need_root "$@"; system_packages stunnel4 haproxy
+    need_root "$@"; system_packages stunnel4 haproxy gcc libc6-dev
     python_env test,dev,bench
     shift; exec .venv/bin/python -m benchmarks "$@"
     ;;

@@ -21,6 +21,9 @@ Fixtures:
   of the test; for tests that change the kernel state or destroy things.
 * ``netns_prefix``: a fresh prefix under the session prefix, for tests that
   drive :class:`Topology` themselves.
+* ``data_path``: runs a test twice, on the compiled data path and on the
+  pure-Python one (``trio_tproxy.fastpath``); the compiled run fails under CI
+  when the extension was not built.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from collections.abc import Callable, Iterable, Iterator
 import pytest
 
 from lab.netns import RUN_PREFIX, leftovers, next_prefix
-from lab.require import require_netns
+from lab.require import require_netns, skip_or_fail
 from lab.topology import DEFAULT_HOSTS, Topology
+from trio_tproxy import fastpath
 
 SESSION_PREFIX = RUN_PREFIX
 
@@ -49,6 +53,16 @@ def topology() -> Iterator[Topology]:
     require_netns()
     with Topology(prefix=next_prefix()) as topo:
         yield topo
+
+
+@pytest.fixture(params=["compiled", "python"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "compiled":
+        if not fastpath.ENABLED:
+            skip_or_fail(f"the compiled data path is off: {fastpath.WHY_OFF}")
+    else:
+        monkeypatch.setattr(fastpath, "ENABLED", False)
+    return str(request.param)
 
 
 @pytest.fixture

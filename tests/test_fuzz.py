@@ -30,6 +30,7 @@ def pki(tmp_path_factory):
     return contexts(files["a"]), contexts(files["b"])
 
 
+@pytest.mark.usefixtures("data_path")
 @settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -454,6 +454,22 @@ def check_peer(opts: Options) -> Iterator[Result]:
         )
 
 
+def check_data_path(opts: Options) -> Iterator[Result]:
+    from . import fastpath
+
+    if fastpath.ENABLED:
+        yield Result(
+            OK, "data path", "compiled (one C call per wake-up for established connections)."
+        )
+    else:
+        yield Result(
+            INFO,
+            "data path",
+            f"pure Python: {fastpath.WHY_OFF}. Same behaviour, more CPU per message.",
+            "apt-get install -y gcc libc6-dev && pip install --force-reinstall --no-deps trio-tproxy",
+        )
+
+
 CHECKS = (
     check_table,
     check_routes,
@@ -463,6 +479,7 @@ CHECKS = (
     check_credentials,
     check_conntrack,
     check_peer,
+    check_data_path,
 )
 
 

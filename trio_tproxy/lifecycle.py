@@ -74,7 +74,7 @@ from types import FrameType
 
 import trio
 
-from . import admin, drift, memory, metrics, probes, reload, tlspolicy
+from . import admin, drift, fastpath, memory, metrics, probes, reload, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
@@ -329,7 +329,7 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                     )
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
-                    "trust-domain=%s; open-file limit %s",
+                    "trust-domain=%s; open-file limit %s; data path %s",
                     " ".join(fmt_addr(a) for a in sidecar.bound["egress"]),
                     " ".join(fmt_addr(a) for a in sidecar.bound["ingress"]),
                     rules,
@@ -337,6 +337,7 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                     config.identity.mode,
                     config.identity.trust_domain,
                     sidecar.fd_limit,
+                    fastpath.describe(),
                 )
                 if admin_bound:  # after "ready:": a start-up failure stays one line
                     log.info(

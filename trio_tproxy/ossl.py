@@ -129,3 +129,41 @@ def verify_error_text(code: int) -> str:
         except (AttributeError, TypeError):
             pass
     return f"X509 error {code}"
+
+
+# --- for the compiled data path (fastpath.py) -----------------------------------------
+
+
+def address(name: str) -> int | None:
+    """The address of OpenSSL function ``name`` in pyOpenSSL's own OpenSSL; None without it.
+
+    cffi casts an API-mode function to a plain function pointer, so compiled code
+    can call the very OpenSSL that owns our ``SSL*`` (cryptography's, never the
+    system's libssl).
+    """
+    if not PRIVATE:
+        return None
+    try:
+        return int(_ffi.cast("uintptr_t", getattr(_lib, name)))
+    except (AttributeError, TypeError):
+        return None
+
+
+def ssl_address(conn: SSL.Connection) -> int:
+    """The ``SSL*`` under ``conn`` (only called when :func:`address` gave the functions)."""
+    return int(_ffi.cast("uintptr_t", conn._ssl))
+
+
+def call_error(conn: SSL.Connection, ret: int, errno: int) -> SSL.Error | OSError:
+    """The exception pyOpenSSL raises for an SSL_read/SSL_write that returned ``ret``.
+
+    The call was made by compiled code, which left OpenSSL's error queue as it was
+    and saved ``errno``; handing that errno to cffi first makes pyOpenSSL's own
+    translation see exactly what it would have seen.
+    """
+    _ffi.errno = errno
+    try:
+        conn._raise_ssl_error(conn._ssl, ret)
+    except (SSL.Error, OSError) as exc:
+        return exc.with_traceback(None)  # no cycle: see _NO_CYCLE
+    return SSL.Error(f"OpenSSL call returned {ret} without an error")

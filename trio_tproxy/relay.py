@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .fastpath import forward
 from .relaypolicy import LEG_ERRORS, Action, Dir, Event, State, classify, step
 from .streams import Stream
 
@@ -98,13 +99,23 @@ async def relay(
                 closing = action
         return Action.SEND_EOF in actions
 
+    def count_a_to_b(n: int) -> None:
+        out.a_to_b += n
+
+    def count_b_to_a(n: int) -> None:
+        out.b_to_a += n
+
     async def pump(src: Stream, dst: Stream, d: Dir, scope: trio.CancelScope) -> None:
         try:
+            # The compiled path carries the data while there is data (the
+            # table's DATA rows); the loops below then meet the source's end.
             if d is Dir.A_TO_B:
+                await forward(src, dst, count_a_to_b)
                 while data := await src.receive_some(CHUNK):
                     await dst.send_all(data)  # the table's DATA row: forward
                     out.a_to_b += len(data)
             else:
+                await forward(src, dst, count_b_to_a)
                 while data := await src.receive_some(CHUNK):
                     await dst.send_all(data)
                     out.b_to_a += len(data)
