@@ -44,7 +44,7 @@ from OpenSSL import SSL
 
 from . import ossl
 from .plainstream import PlainStream
-from .streams import DEFAULT_RECEIVE_SIZE, Stream
+from .streams import DEFAULT_RECEIVE_SIZE, State, Stream
 from .tlsstream import TLSStream
 
 _CDEF = """
@@ -121,7 +121,7 @@ class _Pipe:
     def keep_pending(self) -> None:
         """Move pending bytes out of the shared scratch buffer before anyone else uses it."""
         c = self.c
-        if c.plen and _scratch <= c.pend < _scratch + DEFAULT_RECEIVE_SIZE:
+        if _scratch <= c.pend < _scratch + DEFAULT_RECEIVE_SIZE:
             self._kept = _ffi.new("char[]", c.plen)
             _ffi.memmove(self._kept, c.pend, c.plen)
             c.pend = self._kept
@@ -166,30 +166,31 @@ async def _run(
     fd = plain._fd
     args = (_OSSL, fd, ssl, c, BUDGET) if outbound else (_OSSL, ssl, fd, c, BUDGET)
     await trio.lowlevel.checkpoint_if_cancelled()
+    ok = State.OK
+    wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
     while True:
-        tls._check_usable()
-        plain._check_usable()
+        if tls._state is not ok or plain._state is not ok:
+            tls._check_usable()
+            plain._check_usable()
         before = c.moved
         code = step(*args)
         if c.moved != before:
             moved(c.moved - before)
-        if code == YIELD:
+        if c.plen:
             pipe.keep_pending()
-            await trio.lowlevel.checkpoint()
-        elif code == SRC_READABLE:
-            pipe.keep_pending()
+        if code == SRC_READABLE:
             if outbound:
-                await trio.lowlevel.wait_readable(fd)
+                await wait_readable(fd)
             else:
                 await tls._wait(_WANT_READ)
         elif code == DST_WRITABLE:
-            pipe.keep_pending()
             if outbound:
                 await tls._wait(_WANT_WRITE)
             else:
-                await trio.lowlevel.wait_writable(fd)
+                await wait_writable(fd)
+        elif code == YIELD:
+            await trio.lowlevel.checkpoint()
         elif code == SRC_WRITABLE or code == DST_READABLE:  # OpenSSL's turn-arounds
-            pipe.keep_pending()
             await tls._wait(_WANT_WRITE if code == SRC_WRITABLE else _WANT_READ)
         elif code == SRC_EOF:
             if not outbound:
