@@ -90,7 +90,9 @@ case "${1:-}" in
     exec bash .ci/fresh-machine
     ;;
   bench)
-    need_root "$@"; system_packages stunnel4 haproxy
+    need_root "$@"
+    # the proxies compared, and the real applications of the app scenarios (benchmarks/apps.py)
+    system_packages stunnel4 haproxy nginx-light wrk redis-server redis-tools postgresql
     python_env test,dev,bench
     shift; exec .venv/bin/python -m benchmarks "$@"
     ;;

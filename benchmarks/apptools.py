@@ -206,7 +206,9 @@ def parse_pgbench(text: str, log_lines: Iterable[str] = ()) -> LoadResult:
 
 def percentile(sorted_values: list[float], pct: float) -> float:
     """Nearest-rank percentile (pct in 0-100) of an already sorted, non-empty list."""
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(pct / 100 * len(sorted_values)) - 1))
+    # round(): 99.9 / 100 * 1000 is 999.0000000000001 in floating point, not 999
+    rank = math.ceil(round(pct / 100 * len(sorted_values), 9)) - 1
+    rank = max(0, min(len(sorted_values) - 1, rank))
     return sorted_values[rank]
 
 
