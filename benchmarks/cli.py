@@ -35,8 +35,8 @@ DEFAULTS = scenarios.Settings(
     conn_seconds=3.0,
     rr_count=10_000,
     idle_conns=1000,
-    app_seconds=5.0,
-    redis_requests=50_000,
+    app_seconds=3.0,
+    redis_requests=20_000,
 )
 QUICK = scenarios.Settings(
     bulk_mib=32,

@@ -51,9 +51,9 @@ class Settings:
     rr_count: int
     idle_conns: int
     #: seconds per wrk / pgbench run (the app scenarios, benchmarks/apps.py)
-    app_seconds: float = 5.0
+    app_seconds: float = 3.0
     #: requests per redis-benchmark test at -P 1 (x4 at -P 16)
-    redis_requests: int = 50_000
+    redis_requests: int = 20_000
 
 
 @dataclass
