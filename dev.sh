@@ -93,7 +93,11 @@ case "${1:-}" in
     exec bash .ci/fresh-machine
     ;;
   bench)
-    need_root "$@"; system_packages stunnel4 haproxy gcc libc6-dev
+    need_root "$@"
+    # the proxies compared, the real applications of the app scenarios
+    # (benchmarks/apps.py), and gcc for the compiled data path
+    system_packages stunnel4 haproxy nginx-light wrk redis-server redis-tools postgresql \
+      gcc libc6-dev
     python_env test,dev,bench
     shift; exec .venv/bin/python -m benchmarks "$@"
     ;;

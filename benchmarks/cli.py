@@ -19,19 +19,33 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lab.pods import PodLab, work_directory
 from lab.topology import sigterm_unwinds
 
-from . import chart, checks, machine, procstat, pyspy, report, scenarios, speed
+from . import apps, chart, checks, machine, procstat, pyspy, report, scenarios, speed
 from .proxies import ALL, APP_PORT, SERVICES, Proxy, app_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULTS = scenarios.Settings(bulk_mib=512, conn_seconds=3.0, rr_count=10_000, idle_conns=1000)
-QUICK = scenarios.Settings(bulk_mib=32, conn_seconds=1.0, rr_count=1000, idle_conns=100)
+DEFAULTS = scenarios.Settings(
+    bulk_mib=512,
+    conn_seconds=3.0,
+    rr_count=10_000,
+    idle_conns=1000,
+    app_seconds=3.0,
+    redis_requests=20_000,
+)
+QUICK = scenarios.Settings(
+    bulk_mib=32,
+    conn_seconds=1.0,
+    rr_count=1000,
+    idle_conns=100,
+    app_seconds=2.0,
+    redis_requests=10_000,
+)
 DEFAULT_REPEAT = 3
 #: Seconds of quiet after the last test before the proxies' RSS is read again.
 SETTLE_S = 3.0
@@ -63,10 +77,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rr-count", type=int, help=f"ping-pongs ({DEFAULTS.rr_count})")
     p.add_argument("--idle-conns", type=int, help=f"held connections ({DEFAULTS.idle_conns})")
     p.add_argument(
+        "--apps",
+        default=",".join(apps.APPS),
+        help="real applications to run, comma-separated: " + ", ".join(apps.APPS) + " (all)",
+    )
+    p.add_argument("--no-apps", action="store_true", help="no real applications")
+    p.add_argument(
+        "--app-seconds",
+        type=float,
+        help=f"seconds per wrk and pgbench run ({DEFAULTS.app_seconds:g})",
+    )
+    p.add_argument(
+        "--redis-requests",
+        type=int,
+        help=f"requests per redis-benchmark test at -P 1, x{apps.REDIS_P16_FACTOR} at -P 16 "
+        f"({DEFAULTS.redis_requests})",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK.bulk_mib} MiB, {QUICK.conn_seconds:g} s, {QUICK.rr_count} "
-        f"ping-pongs, {QUICK.idle_conns} idle, 1 repetition (explicit flags still win)",
+        f"ping-pongs, {QUICK.idle_conns} idle, apps {QUICK.app_seconds:g} s and "
+        f"{QUICK.redis_requests} redis requests, 1 repetition (explicit flags still win)",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     p.add_argument(
@@ -102,18 +134,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--only: unknown {unknown}; choose from {', '.join(ALL)}")
     args.proxies = [n for n in ALL if n in names]
+    chosen = [] if args.no_apps else [n.strip() for n in args.apps.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in apps.APPS]
+    if unknown:
+        p.error(f"--apps: unknown {unknown}; choose from {', '.join(apps.APPS)}")
+    args.apps = [n for n in apps.APPS if n in chosen]
     base = QUICK if args.quick else DEFAULTS
     args.settings = scenarios.Settings(
         bulk_mib=args.bulk_mib or base.bulk_mib,
         conn_seconds=args.conn_seconds or base.conn_seconds,
         rr_count=args.rr_count or base.rr_count,
         idle_conns=args.idle_conns or base.idle_conns,
+        app_seconds=args.app_seconds or base.app_seconds,
+        redis_requests=args.redis_requests or base.redis_requests,
     )
     args.repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
     return args
 
 
-def missing_prerequisites(proxies: list[str]) -> list[str]:
+def missing_prerequisites(proxies: list[str], chosen_apps: Sequence[str] = ()) -> list[str]:
     problems = []
     if os.geteuid() != 0:
         problems.append("needs root: it creates network namespaces and nftables rules")
@@ -126,7 +165,7 @@ def missing_prerequisites(proxies: list[str]) -> list[str]:
     for tool, package in tools:
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not installed (apt-get install {package})")
-    return problems
+    return problems + apps.missing(list(chosen_apps))
 
 
 def _say(text: str) -> None:
@@ -135,7 +174,7 @@ def _say(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problems = missing_prerequisites(args.proxies)
+    problems = missing_prerequisites(args.proxies, args.apps)
     if problems:
         for problem in problems:
             print(f"benchmarks: {problem}", file=sys.stderr)
@@ -164,8 +203,9 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
     _say(
         f"benchmarks: {', '.join(args.proxies)}; {args.repeat} repetition(s); bulk "
         f"{s.bulk_mib} MiB each way, connections {s.conn_seconds:g} s per test, "
-        f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections; TLS session resumption "
-        f"{'off' if args.no_resumption else 'on'}"
+        f"{s.rr_count} ping-pongs, {s.idle_conns} idle connections; apps: "
+        f"{', '.join(args.apps) or 'none'} ({s.app_seconds:g} s, {s.redis_requests} redis "
+        f"requests); TLS session resumption {'off' if args.no_resumption else 'on'}"
     )
     others0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     _say("openssl speed (1 s each, one core) ...")
@@ -186,34 +226,38 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
     mtls: dict[str, dict[str, Any]] = {}
     configurations: dict[str, dict[str, str]] = {}
     notes: dict[str, list[dict[str, str]]] = {name: [] for name in args.proxies}
-    for rep in range(args.repeat):
-        for name in args.proxies:
-            proxy = ALL[name](
-                lab, resume=not args.no_resumption, haproxy_threads=args.haproxy_threads
-            )
-            configurations.setdefault(name, proxy.configuration())
-            hook = None
-            if args.profile and name == "trio-tproxy":
-                hook = pyspy.recorder(args.out, f"{stamp}-profile-rep{rep + 1}")
-            ctx = scenarios.Context(proxy, server.pid, s, around_bulk=hook)
-            if args.wait_quiet > 0:
-                wait_for_quiet(args.wait_quiet)
-            try:
-                proxy.start()
-                if rep == 0 and proxy.tls:
-                    verdict = checks.verify_mtls(proxy)
-                    mtls[name] = {"ok": verdict.ok, "summary": verdict.summary}
-                    mtls[name]["probes"] = verdict.probes
-                    _say(
-                        f"  mTLS check {name}: {'OK' if verdict.ok else 'FAILED'}: "
-                        f"{verdict.summary}"
-                    )
-                reps[name].append(measure(ctx, f"[{rep + 1}/{args.repeat}] {name}"))
-            finally:
-                proxy.stop()
-            notes[name].append(dict(proxy.notes))
-            if proxy.notes:
-                _say(f"      {name} sidecars at stop: {proxy.notes}")
+    if args.apps:
+        _say(f"starting {', '.join(args.apps)} in pod B ...")
+    with apps.servers(lab, args.apps) as app_servers:
+        for rep in range(args.repeat):
+            for name in args.proxies:
+                proxy = ALL[name](
+                    lab, resume=not args.no_resumption, haproxy_threads=args.haproxy_threads
+                )
+                configurations.setdefault(name, proxy.configuration())
+                hook = None
+                if args.profile and name == "trio-tproxy":
+                    hook = pyspy.recorder(args.out, f"{stamp}-profile-rep{rep + 1}")
+                ctx = scenarios.Context(proxy, server.pid, s, around_bulk=hook)
+                if args.wait_quiet > 0:
+                    wait_for_quiet(args.wait_quiet)
+                try:
+                    proxy.start()
+                    if rep == 0 and proxy.tls:
+                        verdict = checks.verify_mtls(proxy)
+                        mtls[name] = {"ok": verdict.ok, "summary": verdict.summary}
+                        mtls[name]["probes"] = verdict.probes
+                        _say(
+                            f"  mTLS check {name}: {'OK' if verdict.ok else 'FAILED'}: "
+                            f"{verdict.summary}"
+                        )
+                    app_tests = apps.tests(ctx, app_servers, args.apps)
+                    reps[name].append(measure(ctx, f"[{rep + 1}/{args.repeat}] {name}", app_tests))
+                finally:
+                    proxy.stop()
+                notes[name].append(dict(proxy.notes))
+                if proxy.notes:
+                    _say(f"      {name} sidecars at stop: {proxy.notes}")
     lab.topology.stop(server)
     others = 100 * (procstat.foreign_cpu_seconds() - others0) / (time.monotonic() - t0)
     return {
@@ -233,6 +277,7 @@ def run(lab: PodLab, args: argparse.Namespace, stamp: str, started: float) -> di
         "medians": {name: report.medians(r) for name, r in reps.items()},
         "counts": {name: report.counts(r) for name, r in reps.items()},
         "loadgen_cpu": {name: report.loadgen_medians(r) for name, r in reps.items()},
+        "latency_cdfs": report.cdfs(reps),
         "definitions": DEFINITIONS,
         "topology": {
             "a": lab.host("a").ip4,
@@ -256,7 +301,11 @@ def wait_for_quiet(limit: float) -> None:
             return
 
 
-def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
+def measure(
+    ctx: scenarios.Context,
+    tag: str,
+    app_tests: Sequence[tuple[str, Callable[[], dict[str, Any]]]] = (),
+) -> dict[str, Any]:
     """All tests of one set-up, idle first (so earlier tests' heap does not hide growth).
 
     A test that fails (a proxy that cut a connection short, say) is recorded
@@ -271,6 +320,7 @@ def measure(ctx: scenarios.Context, tag: str) -> dict[str, Any]:
         ("conn_seq", lambda: scenarios.connrate(ctx, 1)),
         ("conn_c8", lambda: scenarios.connrate(ctx, scenarios.CONCURRENCY)),
         ("bulk", lambda: scenarios.bulk(ctx)),
+        *app_tests,  # the real applications (benchmarks/apps.py)
     ]
     for test, run_test in tests:
         try:
@@ -305,6 +355,15 @@ def _summary(r: dict[str, Any]) -> str:
             f"bulk {r['bulk_mbps']:.0f} MB/s (client {lg['client_cpu_pct']:.0f}% / "
             f"server {lg['server_cpu_pct']:.0f}% of a core{proxies})"
         )
+    for key, label in (
+        ("http_ka", "nginx keep-alive"),
+        ("http_close", "nginx close"),
+        ("redis_p1", "redis -P 1"),
+        ("redis_p16", "redis -P 16"),
+        ("pg", "pgbench"),
+    ):
+        if f"{key}_per_s" in r:
+            parts.append(f"{label} {r[f'{key}_per_s']:,.0f}/s p99 {r[f'{key}_p99_us']:,.0f} us")
     if "rss_end_kib" in r:
         parts.append(
             f"RSS A+B {r['rss_start_kib'] / 1024:.1f} -> {r['rss_end_kib'] / 1024:.1f} MiB"
@@ -332,7 +391,20 @@ DEFINITIONS = {
     "loadgen_cpu": "client CPU from its getrusage, server CPU from /proc, as % of one core over "
     "the test's wall time",
     "ratios": "value / haproxy's value, whatever the direction; see 'better'",
+    "http_ka_*, http_close_*": "nginx (one worker) in B serving a 1 KiB static file; wrk -t1 "
+    "-c8 in A for app_seconds, keep-alive or with 'Connection: close' (a new connection per "
+    "request); requests/s, latency p50/p99/p99.9 (wrk's histogram), proxy CPU (A+B) us per "
+    "request",
+    "redis_p1_*, redis_p16_*": "redis-server in B; redis-benchmark -c 8 -t set,get -P 1 or -P 16 "
+    "in A (redis_requests per test, x4 at -P 16); requests/s over both tests, latency of GET, "
+    "proxy CPU (A+B) us per request over both tests",
+    "pg_*": "postgres in B; pgbench -S -c 4 -j 1 -T app_seconds in A (select-only); tps, "
+    "latency p50/p99/p99.9 from its per-transaction log, proxy CPU (A+B) us per transaction",
+    "*_cdf_us": "latency distribution: [percentile, us] points, drawn in the PNG",
 }
+
+
+APP_KEYS = ("http_ka", "http_close", "redis_p1", "redis_p16", "pg")
 
 
 def warnings_of(document: dict[str, Any], wall: float) -> list[str]:
@@ -360,7 +432,11 @@ def warnings_of(document: dict[str, Any], wall: float) -> list[str]:
             for test, failure in figures.get("failures", {}).items():
                 found.append(f"{name} rep {rep}: {test} failed: {failure}")
         med = document["medians"][name]
-        for key in ("conn_seq_errors", "conn_c8_errors"):
+        for key in (
+            "conn_seq_errors",
+            "conn_c8_errors",
+            *(f"{app}_errors" for app in APP_KEYS),
+        ):
             if med.get(key):
                 found.append(f"{name}: {key} = {med[key]:.0f} (median)")
         if proxy_cls.tls and med.get("bulk_cpu_s_per_gib", 1.0) < 0.05:
@@ -423,5 +499,13 @@ def finish(document: dict[str, Any], args: argparse.Namespace, stamp: str, wall:
     _say("")
     _say(f"json: {json_path}")
     title = f"trio-tproxy benchmarks {stamp} ({document['machine']['cpus']} CPUs, medians)"
-    _say(chart.draw(args.out / f"{stamp}.png", proxies, document["medians"], title))
+    _say(
+        chart.draw(
+            args.out / f"{stamp}.png",
+            proxies,
+            document["medians"],
+            title,
+            document.get("latency_cdfs", {}),
+        )
+    )
     _say(f"wall time: {wall:.0f} s")

@@ -23,7 +23,12 @@ from . import configs
 
 #: Where the app in pod B listens; one port per service, in this order.
 APP_PORT = 5000
+#: lab/apps.py's services (its ``serve`` listens on APP_PORT + their index).
 SERVICES = ("bulk", "rr", "conn", "idle")
+#: The real applications' ports (benchmarks/apps.py), after those; forwarded by
+#: stunnel and haproxy like the others, whether or not this run starts the app.
+APP_SERVICES = ("http", "redis", "pg")
+FORWARDED = SERVICES + APP_SERVICES
 _STUNNEL_PORTS = (15000, 25000)  # client side in A on 127.0.0.1, server side on B's IP
 _HAPROXY_PORTS = (16000, 26000)
 _STOPPED_LINE = re.compile(r"stopped: connections (\{.*?\}|\S+); refusals (\{.*?\}|\S+)")
@@ -32,7 +37,7 @@ Address = tuple[str, int]
 
 
 def app_port(service: str) -> int:
-    return APP_PORT + SERVICES.index(service)
+    return APP_PORT + FORWARDED.index(service)
 
 
 #: Key exchange for the sidecars: what the OpenSSL 3.0 of haproxy and stunnel
@@ -134,7 +139,7 @@ class _Pair(Proxy):
         local, remote = self.ports
         return [
             configs.Service(name, local + i, remote + i, app_port(name))
-            for i, name in enumerate(SERVICES)
+            for i, name in enumerate(FORWARDED)
         ]
 
     def credentials(self, pod: str) -> configs.Credentials:
@@ -164,14 +169,14 @@ class _Pair(Proxy):
                     pod, self.argv(path), stdout=log, stderr=subprocess.STDOUT
                 )
             self.processes[pod] = proc
-            for i in range(len(SERVICES)):
+            for i in range(len(FORWARDED)):
                 self.lab.topology.wait_port(pod, ip, port + i, timeout=10, proc=proc)
 
     def target(self, service: str) -> Address:
-        return "127.0.0.1", self.ports[0] + SERVICES.index(service)
+        return "127.0.0.1", self.ports[0] + FORWARDED.index(service)
 
     def probe_target(self) -> Address:
-        return self.lab.host("b").ip4, self.ports[1] + SERVICES.index("rr")
+        return self.lab.host("b").ip4, self.ports[1] + FORWARDED.index("rr")
 
 
 class Stunnel(_Pair):

@@ -27,6 +27,17 @@ class Metric:
     digits: int = 1
 
 
+def _app_metrics(key: str, label: str, unit: str) -> tuple[Metric, ...]:
+    """The rows of one real-application scenario (benchmarks/apps.py)."""
+    return (
+        Metric(f"{key}_per_s", f"{label}, rate", f"{unit}/s", True, 0),
+        Metric(f"{key}_p50_us", f"{label}, p50", "us", False, 0),
+        Metric(f"{key}_p99_us", f"{label}, p99", "us", False, 0),
+        Metric(f"{key}_p999_us", f"{label}, p99.9", "us", False, 0),
+        Metric(f"{key}_cpu_us_per_{unit}", f"{label}, proxy CPU A+B", f"us/{unit}", False, 0),
+    )
+
+
 METRICS = (
     Metric("bulk_mbps", "bulk throughput (both dirs)", "MB/s", True, 0),
     Metric("bulk_cpu_s_per_gib", "bulk proxy CPU A+B", "s/GiB", False, 2),
@@ -48,6 +59,17 @@ METRICS = (
     Metric("rss_start_a_kib", "RSS of A's proxy at start", "KiB", False, 0),
     Metric("rss_start_kib", "RSS A+B at start", "KiB", False, 0),
     Metric("rss_end_kib", "RSS A+B after all tests", "KiB", False, 0),
+    *(
+        metric
+        for key, label, unit in (
+            ("http_ka", "nginx+wrk keep-alive", "req"),
+            ("http_close", "nginx+wrk Connection: close", "req"),
+            ("redis_p1", "redis-benchmark -P 1", "req"),
+            ("redis_p16", "redis-benchmark -P 16", "req"),
+            ("pg", "pgbench -S", "tx"),
+        )
+        for metric in _app_metrics(key, label, unit)
+    ),
 )
 
 #: The load generators' CPU, per test: (result key in a repetition, label).
@@ -56,6 +78,11 @@ LOADGEN_TESTS = (
     ("conn_seq", "conn seq"),
     ("conn_c8", "conn c8"),
     ("rr", "ping-pong"),
+    ("http_ka", "nginx keep-alive"),
+    ("http_close", "nginx close"),
+    ("redis_p1", "redis -P 1"),
+    ("redis_p16", "redis -P 16"),
+    ("pg", "pgbench"),
 )
 
 
@@ -76,6 +103,31 @@ def counts(reps: list[dict[str, Any]]) -> dict[str, int]:
         for key in rep:
             found[key] = found.get(key, 0) + 1
     return found
+
+
+#: The latency distributions drawn in the PNG: (key prefix, title).
+CDF_TESTS = (
+    ("rr", "64 B ping-pong"),
+    ("http_ka", "nginx+wrk keep-alive"),
+    ("http_close", "nginx+wrk Connection: close"),
+    ("redis_p1", "redis-benchmark -P 1 (GET)"),
+    ("redis_p16", "redis-benchmark -P 16 (GET)"),
+    ("pg", "pgbench -S"),
+)
+
+
+def cdfs(reps: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, list[list[float]]]]:
+    """Per test, per set-up: the distribution of the repetition whose p99 is the median one
+    (a distribution has no median; this one is real and typical)."""
+    out: dict[str, dict[str, list[list[float]]]] = {}
+    for test, _ in CDF_TESTS:
+        for proxy, rows in reps.items():
+            have = [r for r in rows if r.get(f"{test}_cdf_us") and f"{test}_p99_us" in r]
+            if not have:
+                continue
+            have.sort(key=lambda r: float(r[f"{test}_p99_us"]))
+            out.setdefault(test, {})[proxy] = have[(len(have) - 1) // 2][f"{test}_cdf_us"]
+    return out
 
 
 def loadgen_medians(reps: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -21,6 +21,7 @@ Figures (see the README for the definitions):
 from __future__ import annotations
 
 import json
+import resource
 import select
 import subprocess
 import sys
@@ -49,6 +50,10 @@ class Settings:
     conn_seconds: float
     rr_count: int
     idle_conns: int
+    #: seconds per wrk / pgbench run (the app scenarios, benchmarks/apps.py)
+    app_seconds: float = 3.0
+    #: requests per redis-benchmark test at -P 1 (x4 at -P 16)
+    redis_requests: int = 20_000
 
 
 @dataclass
@@ -93,12 +98,27 @@ class Measured:
         }
 
 
-def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
+@dataclass(frozen=True)
+class ClientRun:
+    """A client's output, its own CPU, and the CPU seconds others spent while it ran."""
+
+    stdout: str
+    proxy_cpu_by_pod: dict[str, float]
+    server_cpu: float
+    other_cpu: float
+    wall: float
+    #: the client's CPU from getrusage(RUSAGE_CHILDREN): `ip netns exec` execs in place,
+    #: so the reaped child is the client itself (for tools that do not report their own)
+    client_cpu: float
+
+
+def run_client(ctx: Context, argv: list[str], timeout: float) -> ClientRun:
     """Run a client in pod A, with the CPU of the proxies, the server and strangers meanwhile."""
     topo = ctx.proxy.lab.topology
     by_pod = ctx.proxy.pids()
     pod0 = {pod: procstat.cpu_seconds([pid]) for pod, pid in by_pod.items()}
     server0 = procstat.cpu_seconds([ctx.server_pid])
+    children0 = _children_cpu()
     other0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
     try:
         done = topo.run("a", argv, timeout=timeout)
@@ -106,15 +126,28 @@ def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
         raise LoadgenError(f"{ctx.proxy.name}: {' '.join(argv[2:])} timed out") from None
     wall = time.monotonic() - t0
     other = procstat.foreign_cpu_seconds() - other0
+    client = _children_cpu() - children0
     pod_cpu = {pod: procstat.cpu_seconds([pid]) - pod0[pod] for pod, pid in by_pod.items()}
     server_cpu = procstat.cpu_seconds([ctx.server_pid]) - server0
     if done.returncode != 0:
         raise LoadgenError(
             f"{ctx.proxy.name}: {' '.join(argv[2:])} exited {done.returncode}: "
-            f"{done.stderr.strip()[-2000:]}"
+            f"{(done.stderr.strip() or done.stdout.strip())[-2000:]}"
         )
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return Measured(out, sum(pod_cpu.values()), pod_cpu, server_cpu, other, wall)
+    return ClientRun(done.stdout, pod_cpu, server_cpu, other, wall, client)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
+    """Run one of lab/apps.py's clients (which prints its figures as JSON on its last line)."""
+    run = run_client(ctx, argv, timeout)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    by_pod = run.proxy_cpu_by_pod
+    return Measured(out, sum(by_pod.values()), by_pod, run.server_cpu, run.other_cpu, run.wall)
 
 
 def bulk(ctx: Context) -> Result:
@@ -167,6 +200,8 @@ def request_response(ctx: Context) -> Result:
         "rr_p999_us": m.out["p999_us"],
         "loadgen": m.loadgen(),
     }
+    if "cdf_us" in m.out:
+        result["rr_cdf_us"] = m.out["cdf_us"]
     if ctx.proxy.tls:
         # CPU or waiting? Per round trip, warm-up and handshake included (a few %).
         round_trips = ctx.settings.rr_count + min(RR_WARMUP, ctx.settings.rr_count)

@@ -90,6 +90,8 @@ CONN_SIZE = 100  # bytes each way per short connection
 RR_WARMUP = 100  # untimed round trips before the ping-pong measurement
 ACCEPT_WORKERS = 32  # connection-rate server threads blocked in accept()
 TIMEOUT = 60.0  # seconds: a stuck proxy fails the run instead of hanging it
+#: Where rr samples its latency distribution (the same grid as benchmarks/apptools.py).
+CDF_PERCENTILES = tuple(sorted({*range(1, 100, 3), 50, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100}))
 
 
 # -- helpers -------------------------------------------------------------------
@@ -416,6 +418,8 @@ def rr(host: str, port: int, count: int, size: int) -> None:
             "p50_us": percentile(samples, 0.50),
             "p99_us": percentile(samples, 0.99),
             "p999_us": percentile(samples, 0.999),
+            # the distribution, for the benchmark's tail-latency chart: [percentile, us]
+            "cdf_us": [[p, percentile(samples, p / 100)] for p in CDF_PERCENTILES],
         }
     )
 
