@@ -388,6 +388,8 @@ DEFINITIONS = {
     "rss_end_kib": f"VmRSS of the proxies after all tests of the repetition, {SETTLE_S:g} s after "
     "the last one ended",
     "rr_cpu_us_per_rt_a": "ping-pong CPU per round trip of A's proxy alone (_b: B's)",
+    "rr_user_cpu_us_per_rt": "the user-space part of rr_cpu_us_per_rt (utime; the rest is "
+    "stime: system calls and the network stack's work done in the proxies' context)",
     "loadgen_cpu": "client CPU from its getrusage, server CPU from /proc, as % of one core over "
     "the test's wall time",
     "ratios": "value / haproxy's value, whatever the direction; see 'better'",

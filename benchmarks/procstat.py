@@ -51,20 +51,29 @@ def tree(roots: Iterable[int], children: dict[int, list[int]] | None = None) -> 
     return seen
 
 
-def _ticks(pids: Iterable[int]) -> int:
+#: After "(comm)": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
+_USER, _SYSTEM = (11, 13), (12, 14)
+
+
+def _ticks(pids: Iterable[int], fields_wanted: tuple[int, ...] = _USER + _SYSTEM) -> int:
     ticks = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is None:
             continue
-        # After "(comm)": state=0 ppid=1 ... utime=11 stime=12 cutime=13 cstime=14
-        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))
+        ticks += sum(int(fields[i]) for i in fields_wanted)
     return ticks
 
 
 def cpu_seconds(roots: Iterable[int]) -> float:
     """utime + stime of every process in the trees (all threads), plus reaped children."""
     return _ticks(tree(roots)) / _TICK
+
+
+def user_cpu_seconds(roots: Iterable[int]) -> float:
+    """The user-space part of :func:`cpu_seconds` (the rest is the kernel's: system
+    calls, and the network stack's softirq work done in the process's context)."""
+    return _ticks(tree(roots), _USER) / _TICK
 
 
 def foreign_cpu_seconds() -> float:

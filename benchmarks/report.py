@@ -55,6 +55,7 @@ METRICS = (
     Metric("rr_cpu_us_per_rt", "ping-pong proxy CPU A+B", "us/rt", False, 0),
     Metric("rr_cpu_us_per_rt_a", "ping-pong proxy CPU A alone", "us/rt", False, 0),
     Metric("rr_cpu_us_per_rt_b", "ping-pong proxy CPU B alone", "us/rt", False, 0),
+    Metric("rr_user_cpu_us_per_rt", "ping-pong proxy CPU A+B, user space", "us/rt", False, 0),
     Metric("idle_kib_per_conn", "idle RSS A+B per conn", "KiB", False, 1),
     Metric("rss_start_a_kib", "RSS of A's proxy at start", "KiB", False, 0),
     Metric("rss_start_kib", "RSS A+B at start", "KiB", False, 0),

@@ -86,6 +86,8 @@ class Measured:
     other_cpu: float
     #: seconds from starting the client to its exit (its own figure excludes start-up)
     wall: float
+    #: the proxies' CPU in user space (A+B)
+    proxy_user_cpu: float = 0.0
 
     def loadgen(self) -> Result:
         """Client and app server CPU over the client's timed part, foreign CPU over the
@@ -110,6 +112,8 @@ class ClientRun:
     #: the client's CPU from getrusage(RUSAGE_CHILDREN): `ip netns exec` execs in place,
     #: so the reaped child is the client itself (for tools that do not report their own)
     client_cpu: float
+    #: the proxies' CPU spent in user space (A+B); the rest of their CPU is the kernel's
+    proxy_user_cpu: float = 0.0
 
 
 def run_client(ctx: Context, argv: list[str], timeout: float) -> ClientRun:
@@ -117,6 +121,7 @@ def run_client(ctx: Context, argv: list[str], timeout: float) -> ClientRun:
     topo = ctx.proxy.lab.topology
     by_pod = ctx.proxy.pids()
     pod0 = {pod: procstat.cpu_seconds([pid]) for pod, pid in by_pod.items()}
+    user0 = procstat.user_cpu_seconds(by_pod.values())
     server0 = procstat.cpu_seconds([ctx.server_pid])
     children0 = _children_cpu()
     other0, t0 = procstat.foreign_cpu_seconds(), time.monotonic()
@@ -128,13 +133,14 @@ def run_client(ctx: Context, argv: list[str], timeout: float) -> ClientRun:
     other = procstat.foreign_cpu_seconds() - other0
     client = _children_cpu() - children0
     pod_cpu = {pod: procstat.cpu_seconds([pid]) - pod0[pod] for pod, pid in by_pod.items()}
+    user = procstat.user_cpu_seconds(by_pod.values()) - user0
     server_cpu = procstat.cpu_seconds([ctx.server_pid]) - server0
     if done.returncode != 0:
         raise LoadgenError(
             f"{ctx.proxy.name}: {' '.join(argv[2:])} exited {done.returncode}: "
             f"{(done.stderr.strip() or done.stdout.strip())[-2000:]}"
         )
-    return ClientRun(done.stdout, pod_cpu, server_cpu, other, wall, client)
+    return ClientRun(done.stdout, pod_cpu, server_cpu, other, wall, client, user)
 
 
 def _children_cpu() -> float:
@@ -147,7 +153,15 @@ def _measured(ctx: Context, argv: list[str], timeout: float) -> Measured:
     run = run_client(ctx, argv, timeout)
     out = json.loads(run.stdout.strip().splitlines()[-1])
     by_pod = run.proxy_cpu_by_pod
-    return Measured(out, sum(by_pod.values()), by_pod, run.server_cpu, run.other_cpu, run.wall)
+    return Measured(
+        out,
+        sum(by_pod.values()),
+        by_pod,
+        run.server_cpu,
+        run.other_cpu,
+        run.wall,
+        run.proxy_user_cpu,
+    )
 
 
 def bulk(ctx: Context) -> Result:
@@ -209,6 +223,9 @@ def request_response(ctx: Context) -> Result:
         # Per side too: a reading of "the sidecar's CPU" may mean one proxy, not A+B.
         for pod, cpu in m.proxy_cpu_by_pod.items():
             result[f"rr_cpu_us_per_rt_{pod}"] = 1e6 * cpu / round_trips
+        # The kernel's part (system calls, the network stack) is much the same for
+        # every proxy; what differs is mostly the user-space rest.
+        result["rr_user_cpu_us_per_rt"] = 1e6 * m.proxy_user_cpu / round_trips
     return result
 
 

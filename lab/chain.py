@@ -15,6 +15,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from OpenSSL import SSL
@@ -176,3 +177,26 @@ def is_closed(stream: trio.abc.Stream) -> bool:
     sock = getattr(stream, "socket", None)
     assert sock is not None
     return bool(sock.fileno() == -1)
+
+
+class CountingLib:
+    """fastpath's C library with its per-wake-up calls and hand-overs counted."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.steps = 0
+        self.started = 0
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._lib, name)
+        if name not in ("tt_plain_to_tls", "tt_tls_to_plain", "tt_conn_start"):
+            return fn
+
+        def counted(*args: Any) -> Any:
+            if name == "tt_conn_start":
+                self.started += 1
+            else:
+                self.steps += 1
+            return fn(*args)
+
+        return counted

@@ -21,9 +21,10 @@ Fixtures:
   of the test; for tests that change the kernel state or destroy things.
 * ``netns_prefix``: a fresh prefix under the session prefix, for tests that
   drive :class:`Topology` themselves.
-* ``data_path``: runs a test twice, on the compiled data path and on the
-  pure-Python one (``trio_tproxy.fastpath``); the compiled run fails under CI
-  when the extension was not built.
+* ``data_path``: runs a test three times: established connections in the
+  relay thread, per wake-up in compiled code, and in the pure-Python loop
+  (``trio_tproxy.fastpath``); the compiled runs fail under CI when the
+  extension was not built.
 """
 
 from __future__ import annotations
@@ -55,13 +56,21 @@ def topology() -> Iterator[Topology]:
         yield topo
 
 
-@pytest.fixture(params=["compiled", "python"])
+@pytest.fixture(params=["thread", "wakeup", "python"])
 def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "compiled":
-        if not fastpath.ENABLED:
-            skip_or_fail(f"the compiled data path is off: {fastpath.WHY_OFF}")
-    else:
+    if request.param == "python":
         monkeypatch.setattr(fastpath, "ENABLED", False)
+        return "python"
+    if not fastpath.ENABLED:
+        skip_or_fail(f"the compiled data path is off: {fastpath.WHY_OFF}")
+    if request.param == "thread" and fastpath.MODE != "thread":
+        skip_or_fail(f"the relay thread is off: TRIO_TPROXY_FASTPATH={fastpath.MODE}")
+    monkeypatch.setattr(fastpath, "THREAD", request.param == "thread")
+    if request.param == "thread":
+        assert fastpath.relay_thread() is not None  # its fds exist before a test counts them
+        # Every connection to the thread at its first wait: short test exchanges
+        # would otherwise end before a promotion (test_relay tests that one).
+        monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 0)
     return str(request.param)
 
 

@@ -20,6 +20,7 @@ import trio.testing
 
 from lab.chain import (
     Contexts,
+    CountingLib,
     abort_socket_stream,
     chain,
     contexts,
@@ -520,7 +521,10 @@ def test_plain_stream_rejects_concurrent_receivers():
 
 
 def test_the_compiled_path_carries_the_data_not_the_python_loop(pki, data_path, monkeypatch):
-    """8 MiB each way: on the compiled path the relay's receive_some runs only to meet the EOF."""
+    """32 MiB echoed, then the ends.  Compiled: the relay's receive_some runs only to
+    meet the EOF.  Relay thread: Python's per-wake-up calls run only to meet the ends
+    too (the thread hands a connection back at its first end, see fastpath)."""
+    from trio_tproxy import fastpath
     from trio_tproxy.tlsstream import TLSStream
 
     calls = {"plain": 0, "tls": 0}
@@ -532,30 +536,46 @@ def test_the_compiled_path_carries_the_data_not_the_python_loop(pki, data_path, 
             return await _original(self, max_bytes)
 
         monkeypatch.setattr(cls, "receive_some", counted)
+    lib = CountingLib(fastpath._lib)
+    monkeypatch.setattr(fastpath, "_lib", lib)
     a, b = pki
-    payload = os.urandom(8 << 20)
+    payload = os.urandom(32 << 20)
 
     async def main():
         async with chain(a, b) as ch:
 
-            async def client():
+            async def send():
                 await ch.client.send_all(payload)
+
+            async def receive():
+                echoed = bytearray()
+                while len(echoed) < len(payload):
+                    echoed += await ch.client.receive_some(1 << 20)
+                assert digest(bytes(echoed)) == digest(payload)
                 await ch.client.send_eof()
-                assert digest(await read_to_eof(ch.client)) == digest(payload)
+                assert await read_to_eof(ch.client) == b""
 
             async def server():
-                data = await read_to_eof(ch.server)
-                await ch.server.send_all(data)
+                while data := await ch.server.receive_some(1 << 20):
+                    await ch.server.send_all(data)
                 await ch.server.send_eof()
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
+                nursery.start_soon(send)
+                nursery.start_soon(receive)
                 nursery.start_soon(server)
 
     trio.run(main)
     # The chain's client and server are trio SocketStreams: only the relays count.
     # Two relays, two directions each: one EOF read per direction.
-    if data_path == "compiled":
-        assert calls == {"plain": 2, "tls": 2}
-    else:
+    if data_path == "python":
         assert calls["plain"] > 8 and calls["tls"] > 8
+        return
+    assert calls == {"plain": 2, "tls": 2}
+    if data_path == "thread":
+        # Per wake-up until promoted (PROMOTE_AFTER waits per direction), then one
+        # call per direction meets its end (sticky), and the EOF's way back waits
+        # once or twice: a few dozen calls, where per wake-up takes hundreds.
+        assert lib.steps <= 4 * (fastpath.PROMOTE_AFTER + 1) + 16, lib.steps
+    else:
+        assert lib.steps > 4 * (fastpath.PROMOTE_AFTER + 1) + 16, lib.steps

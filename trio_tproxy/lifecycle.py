@@ -327,6 +327,7 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                         " ".join(probes.PATH_PREFIX + p.name for p in config.ingress.app_probes)
                         or "no --app-probe",
                     )
+                fastpath.relay_thread()  # before the first connection, not during it
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
                     "trust-domain=%s; open-file limit %s; data path %s",

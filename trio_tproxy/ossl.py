@@ -154,6 +154,12 @@ def ssl_address(conn: SSL.Connection) -> int:
     return int(_ffi.cast("uintptr_t", conn._ssl))
 
 
+def clear_errors() -> None:
+    """Empty this thread's OpenSSL error queue (before putting a failure's back)."""
+    if PRIVATE:
+        _lib.ERR_clear_error()
+
+
 def call_error(conn: SSL.Connection, ret: int, errno: int) -> SSL.Error | OSError:
     """The exception pyOpenSSL raises for an SSL_read/SSL_write that returned ``ret``.
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .fastpath import forward
+from . import fastpath
 from .relaypolicy import LEG_ERRORS, Action, Dir, Event, State, classify, step
 from .streams import Stream
 
@@ -99,6 +99,9 @@ async def relay(
                 closing = action
         return Action.SEND_EOF in actions
 
+    #: The compiled data path for these legs (None: the Python loop alone).
+    fast = fastpath.pair(a, b)
+
     def count_a_to_b(n: int) -> None:
         out.a_to_b += n
 
@@ -110,12 +113,14 @@ async def relay(
             # The compiled path carries the data while there is data (the
             # table's DATA rows); the loops below then meet the source's end.
             if d is Dir.A_TO_B:
-                await forward(src, dst, count_a_to_b)
+                if fast is not None:
+                    await fast.forward(src is fast.plain, count_a_to_b)
                 while data := await src.receive_some(CHUNK):
                     await dst.send_all(data)  # the table's DATA row: forward
                     out.a_to_b += len(data)
             else:
-                await forward(src, dst, count_b_to_a)
+                if fast is not None:
+                    await fast.forward(src is fast.plain, count_b_to_a)
                 while data := await src.receive_some(CHUNK):
                     await dst.send_all(data)
                     out.b_to_a += len(data)
@@ -131,7 +136,7 @@ async def relay(
         nonlocal nap, seen, quiet_since
         while True:
             now = trio.current_time()
-            moved = out.a_to_b + out.b_to_a
+            moved = out.a_to_b + out.b_to_a + (fast.in_flight() if fast is not None else 0)
             if moved != seen:
                 seen, quiet_since = moved, now
             elif now - quiet_since >= limit - limit / (2 * CHECKS):  # wakes are limit/4 apart
@@ -161,6 +166,8 @@ async def relay(
             apply(Event.CANCEL, None, scope)
         # No verdict at all: a bug escaped a pump; abort (closing's default).
         out.outcome = state.outcome or "error"
+        if fast is not None:
+            fast.stop()  # the relay thread lets go of the fds before they close
         with trio.CancelScope(shield=True):
             if closing is Action.CLOSE_BOTH:
                 await a.aclose()
@@ -168,3 +175,5 @@ async def relay(
             else:
                 await a.abort()
                 await b.abort()
+        if fast is not None:
+            fast.release()
