@@ -7,7 +7,9 @@ Root, network namespaces (lab.PodLab). Prints /proc/PID/smaps_rollup figures
 2. after a few warm-up connections, once the idle trimmer has run;
 3. holding ``--idle N`` idle connections A -> B (and KiB per connection);
 4. after they close, once the idle trimmer has run ("after load");
-5. after ``--burst N`` short connections, likewise.
+5. after ``--burst N`` short connections, likewise;
+6. after ``--bulk MIB`` each way on one connection and ``--rr N`` 64-byte
+   round trips on another (the benchmark's bulk and ping-pong, small).
 
 Not CPU-sensitive: fine on a busy machine. Sidecar flags after ``--``
 (e.g. ``-- --tls-groups X25519:P-256``).
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=int, default=500, help="idle connections to hold")
     parser.add_argument("--burst", type=int, default=3000, help="short connections")
+    parser.add_argument("--bulk", type=int, default=64, help="MiB each way, one connection")
+    parser.add_argument("--rr", type=int, default=2000, help="64-byte round trips")
     parser.add_argument("flags", nargs="*", help="sidecar flags (after --)")
     args = parser.parse_args(argv)
     py = sys.executable
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             out = lab.topology.run("a", [py, "-m", "lab.apps", *argv], timeout=600)
             if out.returncode != 0:
                 raise RuntimeError(out.stderr)
+            print(f"  {argv[0]}: {out.stdout.strip().splitlines()[-1]}", flush=True)
 
         for pod in ("a", "b"):
             lab.start_sidecar(pod, "-v", "0", *args.flags)
@@ -109,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         step("4 after they closed")
         client("conncount", b_ip, str(APP_PORT + 2), str(args.burst), "16")
         time.sleep(SETTLE)
-        after = step(f"5 after {args.burst} short connections")
+        step(f"5 after {args.burst} short connections")
+        client("bulk", b_ip, str(APP_PORT), str(args.bulk))
+        client("rr", b_ip, str(APP_PORT + 1), str(args.rr), "64")
+        time.sleep(SETTLE)
+        after = step(f"6 after bulk {args.bulk} MiB and {args.rr} round trips")
         for pod in after:
             growth = after[pod]["Rss"] / idle[pod]["Rss"] - 1
             print(f"  {pod}: after load {growth:+.0%} of idle", flush=True)
