@@ -67,7 +67,7 @@ case "${1:-}" in
     if [[ $(cut -d' ' -f2 .venv/.installed 2>/dev/null) == test,dev ]]; then
       python_env test,dev
     else
-      python_env ""
+      python_env lab
     fi
     exec .venv/bin/trio-tproxy demo
     ;;

@@ -549,11 +549,9 @@ def test_lo_flap_stops_ipv6_egress_until_repair(topo: Topology) -> None:
 
 def test_netlink_errno_is_kept() -> None:
     """RouteError is an OSError carrying the netlink errno and naming the object."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
     from trio_tproxy.kernel import RouteError, _error
 
-    err = _error(NetlinkError(errno.EPERM, "Operation not permitted"), RULE4)
+    err = _error(OSError(errno.EPERM, "Operation not permitted"), RULE4)
     assert isinstance(err, RouteError) and isinstance(err, OSError)
     assert err.errno == errno.EPERM
     assert str(err) == f"[Errno 1] {RULE4}: Operation not permitted (needs CAP_NET_ADMIN)"
@@ -566,31 +564,34 @@ def test_route_remove_tries_every_object_and_reports_each_failure(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A failing delete does not stop the others; one RouteError lists each failure."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
+    from trio_tproxy import rtnl
     from trio_tproxy.kernel import RouteError
 
-    deleted: list[str] = []
+    deleted: list[int] = []
 
-    class FakeIPRoute:
-        def link_lookup(self, ifname: str) -> list[int]:
-            return [1]
+    class FakeRtnl:
+        def __init__(self, netns: str | None = None) -> None:
+            pass
 
-        def get_rules(self, family: int) -> list[Any]:
+        def link(self, name: str) -> rtnl.Link:
+            return rtnl.Link(index=1, flags=rtnl.IFF_UP)
+
+        def rules(self, family: int) -> list[rtnl.Rule]:
             return []
 
-        def route(self, op: str, **spec: Any) -> None:
-            if spec["family"] == socket.AF_INET:
-                raise NetlinkError(errno.EPERM, "Operation not permitted")
-            deleted.append(spec["dst"])
+        def delete_route(self, body: bytes) -> None:
+            family = rtnl.RTMSG.unpack_from(body)[0]
+            if family == socket.AF_INET:
+                raise OSError(errno.EPERM, "Operation not permitted")
+            deleted.append(family)
 
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr("trio_tproxy.kernel.IPRoute", lambda **kwargs: FakeIPRoute())
+    monkeypatch.setattr("trio_tproxy.kernel.rtnl.Rtnl", FakeRtnl)
     with pytest.raises(RouteError) as info:
         PolicyRoutes(Interception()).remove()
-    assert deleted == ["::/0"]  # tried after the IPv4 route failed
+    assert deleted == [socket.AF_INET6]  # tried after the IPv4 route failed
     assert len(info.value.failures) == 1
     assert str(info.value) == (
         f"[Errno 1] delete {ROUTE4}: Operation not permitted (needs CAP_NET_ADMIN)"

@@ -143,14 +143,11 @@ def make_server(
 
 def pod_addresses(port: int) -> list[tuple[str, int]]:
     """Loopback and every global address of this namespace (link-local ones need a scope)."""
-    from pyroute2 import IPRoute
+    from .rtnl import Rtnl
 
     found: list[str] = ["127.0.0.1", "::1"]
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS")
-            if not addr:
-                continue
+    with Rtnl() as nl:
+        for addr in nl.addresses():
             ip = ipaddress.ip_address(addr)
             if ip.is_loopback or ip.is_link_local or addr in found:
                 continue

@@ -843,7 +843,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         from lab import demo
     except ModuleNotFoundError as exc:
-        if exc.name not in ("lab", "lab.demo"):
+        if exc.name not in ("lab", "lab.demo", "pyroute2"):  # pyroute2: the `lab` extra
             raise
         print(
             "trio-tproxy demo: the demo ships with the source tree: "

@@ -162,7 +162,7 @@ class Limits:
 
     Sized for a pod with a 256 MiB memory limit, where one connection costs
     55-60 KB (TLS state, two sockets, the relay) and the process itself
-    about 55 MB: see :mod:`trio_tproxy.limits`.
+    about 43 MB: see :mod:`trio_tproxy.limits`.
     """
 
     #: Connections held at once, both directions, from accept to close.

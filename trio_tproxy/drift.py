@@ -71,6 +71,8 @@ from typing import Any, Final
 
 import trio
 
+from . import rtnl
+
 log = logging.getLogger("trio_tproxy")
 
 #: This many repairs within FIGHT_WINDOW seconds: someone is undoing our rules.
@@ -296,16 +298,9 @@ def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
 
 
 def _open_socket(protocol: int, groups: int, netns: str | None) -> socket.socket:
-    if netns is None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-    else:
-        # A forked child enters the namespace and passes the socket back: the
-        # socket stays in that namespace, this process stays where it is.
-        from pyroute2 import netns as pyroute2_netns
-
-        sock = pyroute2_netns.create_socket(
-            netns, socket.AF_NETLINK, socket.SOCK_RAW, protocol, flags=0
-        )
+    # With a namespace, the thread enters it to create the socket and comes
+    # back: the socket stays in that namespace, this process where it is.
+    sock = rtnl.open_socket(protocol, netns)
     try:
         sock.setblocking(False)
         sock.bind((0, groups))

@@ -12,7 +12,8 @@ stdlib or a trio socket.
 
 Routing: :class:`PolicyRoutes` owns the two ``ip rule`` and two ``local
 default`` routes that loop marked egress back through ``lo``. Idempotence is by
-errno and by comparing netlink attributes, never by matching messages. The
+errno and by comparing netlink attributes, never by matching messages; the
+messages themselves are packed and parsed by :mod:`.rtnl`. The
 IPv6 local route disappears when ``lo`` goes down and up and never comes back
 (egress would then silently bypass the proxy), so :meth:`PolicyRoutes.repair`
 is meant to be called periodically. :meth:`PolicyRoutes.remove` tries every
@@ -29,14 +30,12 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from . import rtnl
 from .config import Interception
 
 #: Python has no ``socket.IPV6_TRANSPARENT``; it is 75 at level IPPROTO_IPV6.
@@ -44,7 +43,6 @@ IPV6_TRANSPARENT: Final = 75
 SOL_IP: Final = socket.SOL_IP
 IP_TRANSPARENT: Final = socket.IP_TRANSPARENT
 
-_IFF_UP: Final = 0x1
 _RTN_LOCAL: Final = 2
 _RT_SCOPE_HOST: Final = 254
 _FR_ACT_TO_TBL: Final = 1
@@ -308,17 +306,17 @@ class PolicyRoutes:
 
     def install(self) -> None:
         """Set ``lo`` up and add the rules and routes; adding what exists is a no-op."""
-        with self._ipr() as ipr:
-            lo = self._lo_index(ipr)
-            if not self._lo_is_up(ipr, lo):
-                self._set_lo_up(ipr, lo)
+        with self._rtnl() as nl:
+            lo = self._lo(nl)
+            if not lo.flags & rtnl.IFF_UP:
+                self._set_lo_up(nl, lo.index)
             for want in self._wanted:
                 if want.kind == "rule" and not self.ic.rule_priority:
                     # Without a priority the kernel picks a new one each time
                     # and never answers EEXIST: look before adding.
-                    if self._find_rules(ipr, want):
+                    if self._find_rules(nl, want):
                         continue
-                self._add(ipr, want, lo)
+                self._add(nl, want, lo.index)
 
     def remove(self) -> None:
         """Delete what :meth:`install` adds (nothing else); absent objects are fine.
@@ -327,17 +325,19 @@ class PolicyRoutes:
         a slow one), then raises one :class:`RouteError` listing each failure.
         """
         failures: list[OSError] = []
-        with self._ipr() as ipr:
-            lo = self._lo_index(ipr)
+        with self._rtnl() as nl:
+            lo = self._lo(nl).index
             for want in self._wanted:
                 try:
                     if want.kind == "rule":
-                        for priority in self._find_rules(ipr, want):
-                            self._tolerate(self._delete_rule, ipr, want, priority)
+                        try:
+                            priorities = self._find_rules(nl, want)
+                        except OSError as exc:  # the dump failed
+                            raise _error(exc, f"list {self._describe(want)}") from exc
+                        for priority in priorities:
+                            self._tolerate(nl, want, self._rule_body(want, priority))
                     else:
-                        self._tolerate(self._delete_route, ipr, want, lo)
-                except NetlinkError as exc:  # a dump failed
-                    failures.append(_error(exc, f"list {self._describe(want)}"))
+                        self._tolerate(nl, want, self._route_body(want.family, lo, delete=True))
                 except OSError as exc:
                     failures.append(exc)
         if failures:
@@ -360,21 +360,21 @@ class PolicyRoutes:
 
     def missing(self) -> list[str]:
         """What is not in place now, each as a short description (empty: all good)."""
-        with self._ipr() as ipr:
-            lo = self._lo_index(ipr)
-            down = [] if self._lo_is_up(ipr, lo) else [LO_UP]
-            return down + [self._describe(w) for w in self._missing(ipr, lo)]
+        with self._rtnl() as nl:
+            lo = self._lo(nl)
+            down = [] if lo.flags & rtnl.IFF_UP else [LO_UP]
+            return down + [self._describe(w) for w in self._missing(nl, lo.index)]
 
     def repair(self) -> list[str]:
         """Set ``lo`` up and re-add whatever is missing; say what was restored."""
         restored: list[str] = []
-        with self._ipr() as ipr:
-            lo = self._lo_index(ipr)
-            if not self._lo_is_up(ipr, lo):
-                self._set_lo_up(ipr, lo)
+        with self._rtnl() as nl:
+            lo = self._lo(nl)
+            if not lo.flags & rtnl.IFF_UP:
+                self._set_lo_up(nl, lo.index)
                 restored.append(LO_UP)
-            for want in self._missing(ipr, lo):
-                self._add(ipr, want, lo)
+            for want in self._missing(nl, lo.index):
+                self._add(nl, want, lo.index)
                 restored.append(self._describe(want))
         return restored
 
@@ -390,128 +390,114 @@ class PolicyRoutes:
     # -- netlink
 
     @contextmanager
-    def _ipr(self) -> Iterator[Any]:
-        # flags=0: never create the namespace (pyroute2's default is O_CREAT).
-        kwargs: dict[str, Any] = {"ext_ack": True}
-        if self.netns is not None:
-            kwargs.update(netns=self.netns, flags=0)
-        ipr = IPRoute(**kwargs)
+    def _rtnl(self) -> Iterator[rtnl.Rtnl]:
+        where = self.netns or "this namespace"
+        nl = rtnl.Rtnl(self.netns)  # a namespace that does not exist: FileNotFoundError
         try:
-            yield ipr
-        except NetlinkError as exc:  # a dump or lookup; adds and deletes say more
-            raise _error(exc, f"netlink request in {self.netns or 'this namespace'}") from exc
+            yield nl
+        except RouteError:
+            raise
+        except OSError as exc:  # a dump or lookup; adds and deletes say more
+            raise _error(exc, f"netlink request in {where}") from exc
         finally:
-            ipr.close()
+            nl.close()
 
-    def _lo_index(self, ipr: Any) -> int:
-        found = ipr.link_lookup(ifname="lo")
-        if not found:
-            raise RouteError(errno.ENODEV, "no loopback interface 'lo'")
-        return int(found[0])
-
-    def _lo_is_up(self, ipr: Any, lo: int) -> bool:
-        return bool(ipr.get_links(lo)[0]["flags"] & _IFF_UP)
-
-    def _set_lo_up(self, ipr: Any, lo: int) -> None:
+    def _lo(self, nl: rtnl.Rtnl) -> rtnl.Link:
         try:
-            ipr.link("set", index=lo, state="up")
-        except NetlinkError as exc:
+            return nl.link("lo")
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise RouteError(errno.ENODEV, "no loopback interface 'lo'") from exc
+            raise
+
+    def _set_lo_up(self, nl: rtnl.Rtnl, lo: int) -> None:
+        try:
+            nl.set_up(lo)
+        except OSError as exc:
             raise _error(exc, "ip link set lo up") from exc
 
-    def _find_rules(self, ipr: Any, want: _Wanted) -> list[int]:
+    def _find_rules(self, nl: rtnl.Rtnl, want: _Wanted) -> list[int]:
         """Priorities of the rules like ``want`` that are ours (duplicates included)."""
         ic = self.ic
         found = []
-        for rule in ipr.get_rules(family=want.family):
-            priority = rule.get_attr("FRA_PRIORITY") or 0
-            table = rule.get_attr("FRA_TABLE") or rule["table"]
+        for rule in nl.rules(want.family):
+            priority = rule.priority or 0
             if (
-                rule["action"] == _FR_ACT_TO_TBL
-                and table == ic.route_table
-                and rule.get_attr("FRA_FWMARK") == want.mark
-                and rule.get_attr("FRA_FWMASK") in (None, 0xFFFFFFFF)
-                and rule.get_attr("FRA_IIFNAME") == "lo"
-                and rule.get_attr("FRA_OIFNAME") is None
-                and rule["src_len"] == 0
-                and rule["dst_len"] == 0
+                rule.action == _FR_ACT_TO_TBL
+                and rule.table == ic.route_table
+                and rule.fwmark == want.mark
+                and rule.fwmask in (None, 0xFFFFFFFF)
+                and rule.iifname == "lo"
+                and rule.oifname is None
+                and rule.src_len == 0
+                and rule.dst_len == 0
                 and (not ic.rule_priority or priority == ic.rule_priority)
             ):
-                found.append(int(priority))
+                found.append(priority)
         return found
 
-    def _has_route(self, ipr: Any, family: int, lo: int) -> bool:
+    def _has_route(self, nl: rtnl.Rtnl, family: int, lo: int) -> bool:
         return any(
-            route["type"] == _RTN_LOCAL
-            and route["dst_len"] == 0
-            and route.get_attr("RTA_OIF") == lo
-            and (route.get_attr("RTA_TABLE") or route["table"]) == self.ic.route_table
-            for route in ipr.get_routes(family=family, table=self.ic.route_table)
+            route.type == _RTN_LOCAL
+            and route.dst_len == 0
+            and route.oif == lo
+            and route.table == self.ic.route_table
+            for route in nl.routes(family)
         )
 
-    def _missing(self, ipr: Any, lo: int) -> list[_Wanted]:
+    def _missing(self, nl: rtnl.Rtnl, lo: int) -> list[_Wanted]:
         return [
             want
             for want in self._wanted
             if not (
-                self._find_rules(ipr, want)
+                self._find_rules(nl, want)
                 if want.kind == "rule"
-                else self._has_route(ipr, want.family, lo)
+                else self._has_route(nl, want.family, lo)
             )
         ]
 
-    def _add(self, ipr: Any, want: _Wanted, lo: int) -> None:
-        ic = self.ic
+    def _add(self, nl: rtnl.Rtnl, want: _Wanted, lo: int) -> None:
         try:
             if want.kind == "rule":
-                ipr.rule(
-                    "add",
-                    family=want.family,
-                    fwmark=want.mark,
-                    iifname="lo",
-                    table=ic.route_table,
-                    # None: no FRA_PRIORITY, the kernel chooses (pyroute2 would send 32000).
-                    priority=ic.rule_priority or None,
-                )
+                # No priority: no FRA_PRIORITY, the kernel chooses.
+                nl.add_rule(self._rule_body(want, self.ic.rule_priority or None))
             else:
-                ipr.route("add", **self._route_spec(want.family, lo))
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
+                nl.add_route(self._route_body(want.family, lo, delete=False))
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
                 raise _error(exc, self._describe(want)) from exc
 
-    def _route_spec(self, family: int, lo: int) -> dict[str, Any]:
-        v4 = family == socket.AF_INET
-        return {
-            "family": family,
-            "dst": "0.0.0.0/0" if v4 else "::/0",
-            "type": "local",
-            "oif": lo,
-            "table": self.ic.route_table,
-            # iproute2 infers scope host for IPv4 local routes; the kernel
-            # rejects scope universe with EINVAL ("Invalid scope").
-            "scope": _RT_SCOPE_HOST if v4 else 0,
-        }
-
-    def _delete_rule(self, ipr: Any, want: _Wanted, priority: int) -> None:
-        ipr.rule(
-            "del",
-            family=want.family,
+    def _rule_body(self, want: _Wanted, priority: int | None) -> bytes:
+        return rtnl.rule_body(
+            want.family,
             fwmark=want.mark,
             iifname="lo",
             table=self.ic.route_table,
             priority=priority or None,
         )
 
-    def _delete_route(self, ipr: Any, want: _Wanted, lo: int) -> None:
-        ipr.route("del", **self._route_spec(want.family, lo))
+    def _route_body(self, family: int, lo: int, *, delete: bool) -> bytes:
+        return rtnl.route_body(
+            family,
+            kind=_RTN_LOCAL,
+            table=self.ic.route_table,
+            oif=lo,
+            # iproute2 infers scope host for IPv4 local routes; the kernel
+            # rejects scope universe with EINVAL ("Invalid scope").
+            scope=_RT_SCOPE_HOST if family == socket.AF_INET else 0,
+            # Added as "proto static"; deleted whatever its protocol (0: any).
+            protocol=0 if delete else rtnl.RTPROT_STATIC,
+        )
 
-    def _tolerate(
-        self, delete: Callable[[Any, _Wanted, int], None], ipr: Any, want: _Wanted, arg: int
-    ) -> None:
+    def _tolerate(self, nl: rtnl.Rtnl, want: _Wanted, body: bytes) -> None:
         try:
-            delete(ipr, want, arg)
-        except NetlinkError as exc:
+            if want.kind == "rule":
+                nl.delete_rule(body)
+            else:
+                nl.delete_route(body)
+        except OSError as exc:
             # Already gone: ENOENT (rules, IPv6 routes) or ESRCH (IPv4 routes).
-            if exc.code not in (errno.ENOENT, errno.ESRCH):
+            if exc.errno not in (errno.ENOENT, errno.ESRCH):
                 raise _error(exc, f"delete {self._describe(want)}") from exc
 
 
@@ -519,7 +505,9 @@ def _strip_errno(exc: OSError) -> str:
     return exc.strerror if exc.strerror is not None else str(exc)
 
 
-def _error(exc: NetlinkError, what: str) -> RouteError:
-    hint = " (needs CAP_NET_ADMIN)" if exc.code == errno.EPERM else ""
-    message = exc.args[1] if len(exc.args) > 1 else errno.errorcode.get(exc.code, "")
-    return RouteError(exc.code, f"{what}: {message}{hint}")
+def _error(exc: OSError, what: str) -> RouteError:
+    """A RouteError naming ``what``, with the kernel's errno and its message."""
+    code = exc.errno or 0
+    hint = " (needs CAP_NET_ADMIN)" if code == errno.EPERM else ""
+    message = exc.strerror or errno.errorcode.get(code, "")
+    return RouteError(code, f"{what}: {message}{hint}")

@@ -346,6 +346,10 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                         " ".join(fmt_addr(a) for a in admin_bound),
                     )
                 ready = ready_flag[0] = health.ready = True
+                # Start-up's garbage (argument parsing, certificate and
+                # context loading, the rule install's thread) is free but held
+                # by glibc: give it back once (measured: -0.8 MB idle RSS).
+                memory.trim()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         finally:

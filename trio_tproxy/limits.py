@@ -19,9 +19,9 @@ task, a TLS object or a byte read exists for it: a refusal is an RST
 The defaults (see :class:`~trio_tproxy.config.Limits`), for a pod with a
 256 MiB memory limit: an idle relayed connection costs 55-60 KB and a
 pending handshake 58 KB (measured in the two-pod lab: TLS state, two sockets,
-the tasks) and the sidecar itself ~55 MB, so 2048 connections stay near
-175 MB with room for the buffers of those moving data (up to 256 KiB each
-while a chunk is in flight); 512 pending handshakes are ~30 MB, far more
+the tasks) and the sidecar itself ~43 MB (55 MB before it left pyroute2), so
+2048 connections stay near 165 MB with room for the buffers of those moving
+data (up to 256 KiB each while a chunk is in flight); 512 pending handshakes are ~30 MB, far more
 than a fleet reconnecting at once has in
 flight (a handshake takes a few milliseconds); 64 per source leaves a busy
 client pod room for a cold connection pool while one address cannot hold
