@@ -14,11 +14,12 @@ seconds without a byte forwarded either way, and, once one direction has
 ended ("arm the half-close timer"), after ``half_close_timeout`` seconds
 without one (a server may stream its answer long after the client's FIN).
 The per-message path pays nothing for it: the pumps already count the bytes
-they forward, and a third task, the watchdog, wakes every quarter of the
-limit to compare the count with what it saw last.  So a connection is reset
-between 1 and 1.25 times the limit after its last forwarded chunk (a chunk is
-counted once written whole, up to 256 KiB).  Arming the half-close timer only
-moves the watchdog's next wake-up earlier.
+they forward (the relay thread too, see :mod:`.fastpath`), and one task for
+all connections (:mod:`.inactivity`) compares each count with what it saw
+last, at least every quarter of the limit.  So a connection is reset between
+1 and 1.25 times the limit after its last forwarded chunk (a chunk is counted
+once written whole, up to 256 KiB).  Arming the half-close timer only brings
+the next look forward.
 
 :func:`relay` is the only owner of closing both legs: whatever happens, both
 are closed before it returns or raises.  The closing runs in a ``finally``
@@ -33,14 +34,12 @@ from dataclasses import dataclass
 
 import trio
 
-from . import fastpath
+from . import fastpath, inactivity
 from .relaypolicy import LEG_ERRORS, Action, Dir, Event, State, classify, step
 from .streams import Stream
 
 #: Bytes asked of one leg per read.
 CHUNK = 256 * 1024
-#: The watchdog looks this many times per inactivity limit.
-CHECKS = 4
 
 
 @dataclass
@@ -75,24 +74,17 @@ async def relay(
     out = result
     state = State()
     closing = Action.ABORT_BOTH
-    #: The inactivity allowed now: idle_timeout, then (once armed) the shorter one.
-    limit = idle_timeout
-    #: The watchdog's sleep; arming the half-close timer brings its deadline forward.
-    nap = trio.CancelScope()
-    #: Bytes moved when the watchdog last looked, and since when nothing moved.
-    seen = -1
-    quiet_since = trio.current_time()
+    #: The inactivity limit (idle_timeout, then the half-close one once armed).
+    watch: inactivity.Watch | None = None
 
     def apply(event: Event, direction: Dir | None, scope: trio.CancelScope, **kw: str) -> bool:
         """Step the table; carry out what needs no await.  True: send EOF now."""
-        nonlocal state, closing, limit, quiet_since
+        nonlocal state, closing
         state, actions = step(state, event, direction, **kw)
         for action in actions:
             if action is Action.ARM_TIMER:
-                if half_close_timeout < limit:
-                    # An EOF is activity too: the shorter limit counts from now.
-                    limit, quiet_since = half_close_timeout, trio.current_time()
-                    nap.deadline = min(nap.deadline, quiet_since + limit / CHECKS)
+                if watch is not None:
+                    watch.shorten(half_close_timeout)
             elif action is Action.STOP:
                 scope.cancel()
             elif action is Action.CLOSE_BOTH or action is Action.ABORT_BOTH:
@@ -107,6 +99,9 @@ async def relay(
 
     def count_b_to_a(n: int) -> None:
         out.b_to_a += n
+
+    def progress() -> int:
+        return out.a_to_b + out.b_to_a + (fast.in_flight() if fast is not None else 0)
 
     async def pump(src: Stream, dst: Stream, d: Dir, scope: trio.CancelScope) -> None:
         try:
@@ -132,35 +127,24 @@ async def relay(
                 out.detail = f"{d.label}: {exc}"
             apply(Event.ERROR, d, scope, outcome=classify(exc))
 
-    async def watchdog(scope: trio.CancelScope) -> None:
-        nonlocal nap, seen, quiet_since
-        while True:
-            now = trio.current_time()
-            moved = out.a_to_b + out.b_to_a + (fast.in_flight() if fast is not None else 0)
-            if moved != seen:
-                seen, quiet_since = moved, now
-            elif now - quiet_since >= limit - limit / (2 * CHECKS):  # wakes are limit/4 apart
-                scope.cancel()  # the pumps stop; the verdict is TIMEOUT (below)
-                return
-            nap = trio.CancelScope(deadline=now + limit / CHECKS)
-            with nap:
-                await trio.sleep_forever()
-
     try:
         with trio.CancelScope() as scope:
+            if idle_timeout != math.inf or half_close_timeout != math.inf:
+                watch = inactivity.watch(progress, scope, idle_timeout)
             async with trio.open_nursery() as nursery:
-                if limit != math.inf or half_close_timeout != math.inf:
-                    nursery.start_soon(watchdog, scope)
                 nursery.start_soon(pump, b, a, Dir.B_TO_A, scope)
                 await pump(a, b, Dir.A_TO_B, scope)
-        if not state.done and scope.cancelled_caught:
+        if not state.done and watch is not None and watch.expired:
             apply(Event.TIMEOUT, None, scope)
+            limit = watch.limit
             if limit == half_close_timeout and limit < idle_timeout:
                 out.detail = f"half-closed and idle for more than {limit:g}s"
             else:
                 out.detail = f"idle for more than {limit:g}s"
         return out
     finally:
+        if watch is not None:
+            inactivity.unwatch(watch)
         if not state.done and trio.current_effective_deadline() == -math.inf:
             # Cancelled from outside (it may arrive as a group of Cancelled).
             apply(Event.CANCEL, None, scope)
