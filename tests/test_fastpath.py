@@ -6,15 +6,18 @@ this file tests what only the relay thread does: when a connection goes to it.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import trio
 
-from lab.chain import Contexts, CountingLib, chain, contexts, read_to_eof
+from lab.chain import Contexts, CountingLib, chain, contexts, read_to_eof, tcp_pair, tls_pair
 from lab.pki import make_pki
 from lab.require import skip_or_fail
 from trio_tproxy import fastpath
+from trio_tproxy.plainstream import PlainStream
+from trio_tproxy.relay import RelayResult, relay
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +63,38 @@ def test_a_connection_goes_to_the_relay_thread_once_it_has_waited_enough(
     trio.run(main)
     # Two relays (the chain's two sidecars); each direction waits once per exchange.
     assert lib.started == (2 if exchanges > fastpath.PROMOTE_AFTER else 0)
+
+
+def test_bytes_the_thread_carried_are_counted_when_the_relay_is_cancelled(pki, monkeypatch):
+    if not fastpath.ENABLED or fastpath.MODE != "thread":
+        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
+    monkeypatch.setattr(fastpath, "THREAD", True)
+    monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 0)
+    lib = CountingLib(fastpath._lib)
+    monkeypatch.setattr(fastpath, "_lib", lib)
+    a, b = pki
+    result = RelayResult()
+
+    async def main():
+        x_socket, app = await tcp_pair()
+        peer, y = await tls_pair(a.client, b.server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(relay, PlainStream(x_socket.socket), y, result=result)
+            )
+            for _ in range(20):
+                await app.send_all(b"q" * 100)
+                received = b""
+                while len(received) < 100:
+                    received += await peer.receive_some(1000)
+                await peer.send_all(b"r" * 50)
+                received = b""
+                while len(received) < 50:
+                    received += await app.receive_some(1000)
+            nursery.cancel_scope.cancel()
+        await app.aclose()
+        await peer.aclose()
+
+    trio.run(main)
+    assert lib.started == 1  # the thread carried it
+    assert (result.outcome, result.a_to_b, result.b_to_a) == ("cancelled", 2000, 1000)

@@ -259,6 +259,17 @@ class Pair:
         assert self._local is not None
         return getattr(self._local, field)
 
+    def unreported(self) -> tuple[int, int]:
+        """Bytes of (to_tls, to_plain) not yet reported through ``moved``, now reported:
+        what the thread moved before a connection was taken back (cancelled)."""
+        if self._conn is None:
+            return 0, 0
+        to_tls = int(self._conn.to_tls.moved) - self._accounted[0]
+        to_plain = int(self._conn.to_plain.moved) - self._accounted[1]
+        self._accounted[0] += to_tls
+        self._accounted[1] += to_plain
+        return to_tls, to_plain
+
     def in_flight(self) -> int:
         """Bytes the thread moved that ``moved`` has not reported yet (for the watchdog)."""
         if self._conn is None:

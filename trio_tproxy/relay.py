@@ -152,6 +152,9 @@ async def relay(
         out.outcome = state.outcome or "error"
         if fast is not None:
             fast.stop()  # the relay thread lets go of the fds before they close
+            to_tls, to_plain = fast.unreported()  # what it carried before a cancel
+            out.a_to_b += to_tls if fast.plain is a else to_plain
+            out.b_to_a += to_plain if fast.plain is a else to_tls
         with trio.CancelScope(shield=True):
             if closing is Action.CLOSE_BOTH:
                 await a.aclose()
