@@ -100,8 +100,17 @@ SRC_READABLE, SRC_WRITABLE, DST_READABLE, DST_WRITABLE, YIELD, SRC_EOF, SRC_FAIL
 BUDGET = 1 << 20
 #: The thread's turn per connection: fairness between its connections.
 THREAD_BUDGET = 256 * 1024
-#: Wake-ups of one direction before a connection goes to the relay thread (see Pair).
-PROMOTE_AFTER = 8
+
+
+def _promote_after(default: int = 8) -> int:
+    """TRIO_TPROXY_PROMOTE_AFTER, a count >= 0 (else the default: the ready line shows it)."""
+    value = os.environ.get("TRIO_TPROXY_PROMOTE_AFTER", "")
+    return int(value) if value.isdigit() else default
+
+
+#: Wake-ups of one direction before a connection goes to the relay thread (see
+#: Pair); TRIO_TPROXY_PROMOTE_AFTER overrides it (0: at the first wait).
+PROMOTE_AFTER = _promote_after()
 
 _WANT_READ = SSL.WantReadError()
 _WANT_WRITE = SSL.WantWriteError()
@@ -152,7 +161,9 @@ def describe() -> str:
     """One phrase for the start-up log line."""
     if not ENABLED:
         return f"Python ({WHY_OFF})"
-    return "compiled, relay thread" if THREAD else "compiled, per wake-up"
+    if THREAD:
+        return f"compiled, relay thread after {PROMOTE_AFTER} waits"
+    return "compiled, per wake-up"
 
 
 def relay_thread() -> Any:
