@@ -281,6 +281,8 @@ class Sidecar:
         self.server_context, self.client_context = server, client
         old = getattr(self, "sessions", None)
         self.sessions = SessionCache(self.config.session_cache)
+        # Name checks by peer certificate; forgotten with the trust they were made under.
+        self.identities = tlspolicy.IdentityMemo()
         if old is not None:
             old.clear()  # a live egress connection may still keep() into it: harmless
         self.credentials = credentials
@@ -323,13 +325,15 @@ class Sidecar:
             elif self.kernel_options:
                 kernel.set_mark(sock, ic.bypass_mark)
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-            with trio.fail_after(self.config.timeouts.connect):
+            # trio.fail_after without its generator context manager (see tlspolicy).
+            timeout = self.config.timeouts.connect
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
                 await sock.connect(addr)
-        except trio.TooSlowError:
-            sock.close()
-            raise Refused(
-                f"connect to {fmt_addr(addr)} timed out after {self.config.timeouts.connect:g}s"
-            ) from None
+            if deadline.cancelled_caught:
+                sock.close()
+                raise Refused(f"connect to {fmt_addr(addr)} timed out after {timeout:g}s")
+        except Refused:
+            raise
         except OSError as exc:
             sock.close()
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -530,6 +534,7 @@ class Sidecar:
                     dst,
                     handshake_timeout=self.config.timeouts.handshake,
                     sessions=sessions,
+                    memo=self.identities,
                 )
             finally:
                 self.stats.pending_handshakes -= 1
@@ -616,6 +621,7 @@ class Sidecar:
                     sock,
                     self.config.identity,
                     handshake_timeout=self.config.timeouts.handshake,
+                    memo=self.identities,
                 )
             finally:
                 self.stats.pending_handshakes -= 1
@@ -794,6 +800,8 @@ class Sidecar:
 
 
 async def _abort_all(legs: list[Stream]) -> None:
+    if not legs:
+        return  # the relay owns them (the usual case): no shielded scope to set up
     with trio.CancelScope(shield=True):
         for leg in legs:
             await leg.abort()
