@@ -31,7 +31,6 @@ resumption) or raise :class:`HandshakeFailed` with the reason for the log line.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,23 +201,26 @@ _Verdict = tuple[PeerIdentity | str, dt.datetime]
 class IdentityMemo:
     """The name check's verdicts by peer certificate, so a peer that comes back
     (a resumed session, or a new full handshake with the same certificate) costs
-    a DER digest instead of parsing the certificate and its SANs again (~20 us).
+    a DER encoding and a dict lookup instead of parsing the certificate and its
+    SANs again (~20 us).
 
     Safe because the name check is a pure function of the certificate's bytes,
-    the identity policy (fixed for the process) and, egress in ``ip`` mode, the
-    address dialed: all three are in the key.  What is not pure is checked on
+    the identity policy (fixed for the process: another one empties the memo)
+    and, egress in ``ip`` mode, the address dialed.  What is not pure is checked on
     every connection, memo or not: OpenSSL's chain verification (a full
     handshake), the verify callback's note, and the certificate's ``notAfter``
     against the clock (kept with the verdict).  A refusal is remembered as its
     reason and raised again.  Bounded: the oldest verdict goes first.
     """
 
-    __slots__ = ("_verdicts", "size")
+    __slots__ = ("_policy", "_verdicts", "size")
 
-    def __init__(self, size: int = 512) -> None:
+    def __init__(self, size: int = 256) -> None:
         self.size = size
-        #: (DER SHA-256, policy, dst IP or None) -> (identity or refusal, notAfter)
-        self._verdicts: dict[tuple[bytes, IdentityPolicy, str | None], _Verdict] = {}
+        #: The policy of the verdicts (one per process: compared by identity, not hashed).
+        self._policy: IdentityPolicy | None = None
+        #: (DER, dst IP or None) -> (identity or refusal, notAfter); ~1 KB each
+        self._verdicts: dict[tuple[bytes, str | None], _Verdict] = {}
 
     def verify(
         self, conn: SSL.Connection, policy: IdentityPolicy, original_dst_ip: str | None
@@ -231,7 +233,10 @@ class IdentityMemo:
         der = crypto.dump_certificate(crypto.FILETYPE_ASN1, peer)
         # In spiffe mode the address plays no part: one verdict per certificate.
         dst_ip = original_dst_ip if policy.mode != "spiffe" else None
-        key = (hashlib.sha256(der).digest(), policy, dst_ip)
+        key = (der, dst_ip)  # the bytes themselves: exact, and no digest to compute
+        if policy is not self._policy:
+            self._verdicts.clear()
+            self._policy = policy
         verdict = self._verdicts.get(key)
         if verdict is None:
             cert = x509.load_der_x509_certificate(der)
