@@ -1,6 +1,7 @@
 """The sidecars' data path over loopback: no kernel interception, no root.
 
     python -m benchmarks.loopback [--mib 512 | --rr 20000 | --conns 2000] [--profile out.txt]
+                                  [--session-cache 0] [--tls-groups X25519:P-256]
 
 One process runs sidecar A (egress) and sidecar B (ingress) — the real
 ``Sidecar`` handlers, TLS 1.3 mutual authentication, identity checks and

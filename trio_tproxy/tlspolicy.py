@@ -22,6 +22,13 @@ The decisions:
   :class:`HandshakeNotes`, so a refusal can say "unknown CA" and name the
   certificate (OpenSSL itself only says "certificate verify failed").
 
+The name check is a pure function of the certificate and the policy, so the
+sidecar memoizes its verdicts by certificate (:class:`IdentityMemo`): a peer
+that comes back (a resumed session, or the same certificate in a new full
+handshake) is not parsed again.  The clock (``notAfter``) is still checked on
+every connection, and OpenSSL's chain verification of a full handshake is
+never skipped.
+
 The proxy sees none of pyOpenSSL: :func:`connect` (egress) and :func:`accept`
 (ingress) run the handshake within a deadline and the identity check, and
 return a :class:`TLSLeg` (the stream, the verified peer, version, cipher,
