@@ -1,6 +1,7 @@
 """The sidecars' data path over loopback: no kernel interception, no root.
 
     python -m benchmarks.loopback [--mib 512 | --rr 20000 | --conns 2000] [--profile out.txt]
+                                  [--session-cache 0] [--tls-groups X25519:P-256]
 
 One process runs sidecar A (egress) and sidecar B (ingress) — the real
 ``Sidecar`` handlers, TLS 1.3 mutual authentication, identity checks and
@@ -39,7 +40,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int, pki: Path) -> None:
+def sidecars(
+    in_port: int, out_port: int, ready: Path, session_cache: int, pki: Path, groups: str | None
+) -> None:
     """Child: sidecar A listens (egress) on in_port; B's ingress dials out_port.
 
     Its certificates go into ``pki``, a directory the parent removes (the child
@@ -59,6 +62,7 @@ def sidecars(in_port: int, out_port: int, ready: Path, session_cache: int, pki: 
             tls=files[name],
             interception=Interception(tcp_port=tcp, tls_port=tls),
             session_cache=session_cache,
+            tls_groups=groups,
         )
         creds = load_credentials(files[name])
         return Sidecar(config, creds, listen_hosts=("127.0.0.1",), kernel_options=False, **kw)
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             str(ready),
             str(args.session_cache),
             workdir.name,
+            args.tls_groups,
         ]
     )
     spy = None
@@ -235,6 +240,7 @@ def main() -> int:
             Path(sys.argv[4]),
             int(sys.argv[5]),
             Path(sys.argv[6]),
+            sys.argv[7] or None,
         )
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loopback")
@@ -247,6 +253,12 @@ def main() -> int:
         type=int,
         default=4096,
         help="sidecar A's TLS session cache (0: full handshakes)",
+    )
+    parser.add_argument(
+        "--tls-groups",
+        default="X25519:P-256",
+        help="both sidecars' key-exchange groups ('' for OpenSSL's default, with the ML-KEM "
+        "hybrid); the default is what python -m benchmarks gives them",
     )
     print(json.dumps(run(parser.parse_args())))
     return 0

@@ -609,3 +609,37 @@ def test_accepted_sockets_have_nodelay() -> None:
                     assert nodelay == 1
 
     trio.run(main)
+
+
+def test_dial_waits_for_a_connect_that_does_not_complete_at_once(pki) -> None:
+    """Most dials are connected when connect() returns (loopback, veth); the others
+    wait for the socket to become writable, within the connect timeout.  A listener
+    whose accept queue is full drops SYNs: the dial waits until a slot frees."""
+    from trio_tproxy.proxy import Refused
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)  # room for one connection not yet accepted
+    addr = full.getsockname()
+    queued = [socket.create_connection(addr)]
+
+    async def main() -> None:
+        quick = sidecar(pki["a"], timeouts=Timeouts(connect=0.3))
+        start = trio.current_time()
+        with pytest.raises(Refused, match=r"^connect to 127\.0\.0\.1:\d+ timed out after 0\.3s$"):
+            await quick.dial(addr)
+        assert trio.current_time() - start >= 0.3
+        patient = sidecar(pki["a"], timeouts=Timeouts(connect=10))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, lambda: full.accept()[0].close())
+            with trio.fail_after(8):  # the SYN is sent again after 1 s, then 3 s
+                sock = await patient.dial(addr)
+        with sock:
+            assert sock.getpeername() == addr
+
+    try:
+        trio.run(main)
+    finally:
+        for s in queued:
+            s.close()
+        full.close()

@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +29,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 
 import lab.pki
-from trio_tproxy import certs
+from trio_tproxy import certs, tlspolicy
 from trio_tproxy.config import ConfigError, IdentityPolicy, TLSFiles
 from trio_tproxy.credentials import Credentials, load_credentials
 from trio_tproxy.identity import IdentityError
 from trio_tproxy.kernel import set_abort_on_close
 from trio_tproxy.tlspolicy import (
     ALPN,
+    IdentityMemo,
     PeerIdentity,
     client_context,
     explain_failure,
@@ -413,6 +415,73 @@ def test_ip_mode_server_mismatch(pki: PKI) -> None:
     r = handshake(server, client, server_policy=IP_MODE, client_policy=IP_MODE, dst_ip="10.0.0.2")
     assert r.client.reason == "IP SAN mismatch: want 10.0.0.2, certificate has [10.0.0.3]"
     assert r.client.peer is None
+
+
+# --- the name checks remembered by certificate (IdentityMemo) ------------------------------
+
+
+def test_identity_memo_agrees_with_the_checks_and_remembers(pki: PKI) -> None:
+    r = handshake(pki.creds("db", spiffe_ids=[DB]), pki.creds("web", spiffe_ids=[WEB]))
+    assert r.server.conn is not None and r.client.conn is not None
+    memo = IdentityMemo()
+    for _ in range(2):
+        assert memo.verify(r.client.conn, SPIFFE, "127.0.0.1") == r.client.peer
+        assert memo.verify(r.server.conn, SPIFFE, None) == r.server.peer
+    assert len(memo) == 2  # one verdict per certificate, the second round from the memo
+    # In spiffe mode the address dialed plays no part: still one verdict for db.
+    assert memo.verify(r.client.conn, SPIFFE, "10.0.0.9") == PeerIdentity(DB, DB)
+    assert len(memo) == 2
+
+
+def test_identity_memo_ip_mode_checks_each_address(pki: PKI) -> None:
+    server = pki.creds("db", ips=["127.0.0.1", "10.0.0.2"])
+    client = pki.creds("web", dns=["web.default.svc"])
+    r = handshake(server, client, server_policy=IP_MODE, client_policy=IP_MODE, dst_ip="10.0.0.2")
+    assert r.client.conn is not None and r.server.conn is not None
+    memo = IdentityMemo()
+    assert memo.verify(r.client.conn, IP_MODE, "10.0.0.2") == r.client.peer
+    # The same certificate, dialed at an address it does not name: refused, not remembered ok.
+    with pytest.raises(IdentityError, match=r"IP SAN mismatch: want 10.0.0.3"):
+        memo.verify(r.client.conn, IP_MODE, "10.0.0.3")
+    assert memo.verify(r.server.conn, IP_MODE, None) == PeerIdentity(None, "DNS web.default.svc")
+
+
+def test_identity_memo_remembers_a_refusal_and_follows_the_policy(pki: PKI) -> None:
+    r = handshake(
+        pki.creds("db", spiffe_ids=[DB]), pki.creds("web", spiffe_ids=["spiffe://evil.org/web"])
+    )
+    assert r.server.conn is not None
+    memo = IdentityMemo()
+    for _ in range(2):
+        with pytest.raises(IdentityError, match="^wrong trust domain 'evil.org'"):
+            memo.verify(r.server.conn, SPIFFE, None)
+    assert len(memo) == 1
+    ok = handshake(pki.creds("db", spiffe_ids=[DB]), pki.creds("web", spiffe_ids=[WEB]))
+    assert ok.server.conn is not None
+    assert memo.verify(ok.server.conn, SPIFFE, None) == PeerIdentity(WEB, WEB)
+    # Another policy: the verdicts of the first one are not reused.
+    only_db = IdentityPolicy(allow_ids=(DB,))
+    with pytest.raises(IdentityError, match="not in allow-list"):
+        memo.verify(ok.server.conn, only_db, None)
+
+
+def test_identity_memo_checks_expiry_on_every_connection(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = handshake(pki.creds("db", spiffe_ids=[DB]), pki.creds("web", spiffe_ids=[WEB]))
+    assert r.client.conn is not None
+    memo = IdentityMemo()
+    assert memo.verify(r.client.conn, SPIFFE, "127.0.0.1") == PeerIdentity(DB, DB)
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Later:
+            return cls.fromtimestamp(NOW.timestamp() + 400 * 86400, tz)
+
+    # A remembered verdict whose certificate has expired since (a resumed session).
+    monkeypatch.setattr(tlspolicy, "dt", types.SimpleNamespace(datetime=Later, UTC=dt.UTC))
+    with pytest.raises(IdentityError, match="^certificate expired on "):
+        memo.verify(r.client.conn, SPIFFE, "127.0.0.1")
 
 
 # --- not TLS, old TLS, broken connections -------------------------------------------------

@@ -144,6 +144,9 @@ def ingress_addresses(
 
 
 def _destination(name: Any) -> tuple[str, int]:
+    if len(name) == 2:
+        # AF_INET: the kernel's dotted quad is already canonical (no parse per connection).
+        return str(name[0]), int(name[1])
     host = str(name[0]).split("%", 1)[0]
     address = ipaddress.ip_address(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

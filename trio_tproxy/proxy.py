@@ -45,6 +45,7 @@ import socket as _stdsocket
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -281,6 +282,8 @@ class Sidecar:
         self.server_context, self.client_context = server, client
         old = getattr(self, "sessions", None)
         self.sessions = SessionCache(self.config.session_cache)
+        # Name checks by peer certificate; forgotten with the trust they were made under.
+        self.identities = tlspolicy.IdentityMemo()
         if old is not None:
             old.clear()  # a live egress connection may still keep() into it: harmless
         self.credentials = credentials
@@ -313,31 +316,30 @@ class Sidecar:
           lookup finds the app's accepted socket of our connection (local
           ``app:port``, remote ``client:p``) and that connection is reset.
         """
-        sock = trio.socket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM)
+        # A stdlib socket until connected: its connect_ex lets a connection that
+        # completed within the call go on without a scheduler pass (see _connect).
+        raw = _stdsocket.socket(_family(addr[0]), _stdsocket.SOCK_STREAM | _SOCK_NONBLOCK)
         try:
             ic = self.config.interception
             if source is not None:
-                kernel.set_transparent(sock)
-                kernel.set_mark(sock, ic.preserve_mark)
-                await _bind_preserved(sock, source, avoid)
+                kernel.set_transparent(raw)
+                kernel.set_mark(raw, ic.preserve_mark)
+                _bind_preserved(raw, source, avoid)
             elif self.kernel_options:
-                kernel.set_mark(sock, ic.bypass_mark)
-            sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-            with trio.fail_after(self.config.timeouts.connect):
-                await sock.connect(addr)
-        except trio.TooSlowError:
-            sock.close()
-            raise Refused(
-                f"connect to {fmt_addr(addr)} timed out after {self.config.timeouts.connect:g}s"
-            ) from None
+                kernel.set_mark(raw, ic.bypass_mark)
+            raw.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            await _connect(raw, addr, self.config.timeouts.connect)
+        except Refused:
+            raw.close()
+            raise
         except OSError as exc:
-            sock.close()
+            raw.close()
             name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
             raise Refused(f"connect to {fmt_addr(addr)} failed: {name}") from None
         except BaseException:
-            sock.close()
+            raw.close()
             raise
-        return sock
+        return trio.socket.from_stdlib_socket(raw)
 
     async def dial_app(self, dst: Address, client: Address) -> PlainStream:
         """Reach the app at the original destination (``dst``, the address the
@@ -530,6 +532,7 @@ class Sidecar:
                     dst,
                     handshake_timeout=self.config.timeouts.handshake,
                     sessions=sessions,
+                    memo=self.identities,
                 )
             finally:
                 self.stats.pending_handshakes -= 1
@@ -616,6 +619,7 @@ class Sidecar:
                     sock,
                     self.config.identity,
                     handshake_timeout=self.config.timeouts.handshake,
+                    memo=self.identities,
                 )
             finally:
                 self.stats.pending_handshakes -= 1
@@ -794,6 +798,8 @@ class Sidecar:
 
 
 async def _abort_all(legs: list[Stream]) -> None:
+    if not legs:
+        return  # the relay owns them (the usual case): no shielded scope to set up
     with trio.CancelScope(shield=True):
         for leg in legs:
             await leg.abort()
@@ -803,8 +809,49 @@ async def _abort_all(legs: list[Stream]) -> None:
 PRESERVE_PORTS = range(16384, 32768)
 
 
-async def _bind_preserved(
-    sock: trio.socket.SocketType, source: str, avoid: Container[int], tries: int = 64
+#: Not in every Python's socket module (Linux only); the kernel's value.
+_SOCK_NONBLOCK: int = getattr(_stdsocket, "SOCK_NONBLOCK", 0o4000)
+
+
+async def _connect(sock: _stdsocket.socket, addr: Address, seconds: float) -> None:
+    """Connect the non-blocking ``sock`` to ``addr`` within ``seconds``.
+
+    What trio's ``connect`` does, minus its scheduler pass when the connection
+    is there when ``connect()`` returns: over loopback and veth the peer's
+    SYN-ACK (or RST) is processed within the call.  Raises OSError (refused,
+    unreachable...) or :class:`Refused` on timeout.
+    """
+    err = sock.connect_ex(_sockaddr(addr))
+    if err == errno.EINPROGRESS:
+        try:
+            sock.getpeername()
+            return  # established within the call
+        except OSError:
+            err = sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ERROR)
+        if not err:  # still in progress: wait, within the connect timeout
+            with trio.CancelScope(deadline=trio.current_time() + seconds) as deadline:
+                await trio.lowlevel.wait_writable(sock)
+            if deadline.cancelled_caught:
+                raise Refused(f"connect to {fmt_addr(addr)} timed out after {seconds:g}s")
+            err = sock.getsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_ERROR)
+    if err:
+        raise OSError(err, errno.errorcode.get(err, str(err)))
+
+
+def _sockaddr(addr: Address) -> tuple[str, int] | tuple[str, int, int, int]:
+    """``addr`` for the stdlib's ``connect``: a scoped link-local address
+    (``fe80::1%eth0``) with its scope id resolved, which the 2-tuple form drops."""
+    if "%" not in addr[0]:
+        return addr
+    found = _stdsocket.getaddrinfo(
+        addr[0], addr[1], _stdsocket.AF_INET6, _stdsocket.SOCK_STREAM, 0, _stdsocket.AI_NUMERICHOST
+    )
+    name: tuple[Any, ...] = found[0][4]
+    return str(name[0]), int(name[1]), int(name[2]), int(name[3])
+
+
+def _bind_preserved(
+    sock: _stdsocket.socket, source: str, avoid: Container[int], tries: int = 64
 ) -> None:
     """Bind ``sock`` to ``source`` on a free port of :data:`PRESERVE_PORTS` not in ``avoid``."""
     for _ in range(tries):
@@ -812,12 +859,12 @@ async def _bind_preserved(
         if port in avoid:
             continue
         try:
-            await sock.bind((source, port))
+            sock.bind((source, port))
             return
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise
-    await sock.bind((source, 0))  # the range is crowded: the kernel's choice
+    sock.bind((source, 0))  # the range is crowded: the kernel's choice
     if sock.getsockname()[1] in avoid:
         raise OSError(errno.EADDRINUSE, "no free source port for the client's address")
 
