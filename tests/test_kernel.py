@@ -938,3 +938,25 @@ def test_no_rules_without_cap_net_admin_checks_the_routes(
         assert run.wait() == 0
     finally:
         init.remove()
+
+
+def test_port_ranges_and_the_preserve_port_clash(tmp_path):
+    from trio_tproxy.kernel import parse_port_ranges
+    from trio_tproxy.proxy import preserve_port_clash, preserve_port_warning
+
+    assert parse_port_ranges("") == []
+    assert parse_port_ranges("16384-32767,40000\n") == [range(16384, 32768), range(40000, 40001)]
+    assert preserve_port_clash(range(32768, 61000), []) is None  # Linux's default
+    assert preserve_port_clash(range(30000, 65001), []) == range(30000, 32768)
+    assert preserve_port_clash(range(1024, 65536), [range(16384, 32768)]) is None
+    assert preserve_port_clash(range(1024, 65536), [range(16384, 20000)]) == range(20000, 32768)
+
+    (tmp_path / "ip_local_port_range").write_text("30000\t65000\n")
+    (tmp_path / "ip_local_reserved_ports").write_text("\n")
+    line = preserve_port_warning(str(tmp_path))
+    assert line is not None and "30000 65000" in line and "30000-32767" in line
+    (tmp_path / "ip_local_reserved_ports").write_text("16384-32767\n")
+    assert preserve_port_warning(str(tmp_path)) is None
+    (tmp_path / "ip_local_port_range").write_text("32768\t60999\n")
+    assert preserve_port_warning(str(tmp_path)) is None
+    assert preserve_port_warning(str(tmp_path / "absent")) is None

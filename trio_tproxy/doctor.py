@@ -281,6 +281,17 @@ def check_sysctls(opts: Options) -> Iterator[Result]:
         p.parent.name: p.read_text().strip()
         for p in sorted(Path("/proc/sys/net/ipv4/conf").glob("*/rp_filter"))
     }
+    from .proxy import PRESERVE_PORTS, preserve_port_warning
+
+    clash = preserve_port_warning()
+    if clash is not None:
+        yield Result(
+            FAIL,
+            "sysctl",
+            clash + ".",
+            f"sysctl -w net.ipv4.ip_local_reserved_ports={PRESERVE_PORTS.start}-"
+            f"{PRESERVE_PORTS.stop - 1}",
+        )
     localnet = _read("/proc/sys/net/ipv4/conf/all/route_localnet")
     shown = " ".join(f"{k}={v}" for k, v in rp.items())
     yield Result(

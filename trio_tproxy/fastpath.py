@@ -259,8 +259,8 @@ class Pair:
         #: Each direction's per-wake-up phase, to be cancelled by a promotion.
         self._waits: list[trio.CancelScope | None] = [None, None]
         self._promoted = False
-        #: Set once the thread has the connection: both pumps wait for it back.
-        self._started: trio.Event | None = None
+        #: The thread has had the connection (once at most); set when it hands it back.
+        self._started = False
         self._handed_back: trio.Event | None = None
 
     def _pipe(self, index: int) -> Any:
@@ -345,7 +345,7 @@ class Pair:
         conn = self._conn
         return (
             conn is not None
-            and self._started is None
+            and not self._started
             and not conn.to_tls.done
             and not conn.to_plain.done
         )
@@ -360,13 +360,12 @@ class Pair:
 
     async def _in_thread(self) -> None:
         """Hand the connection to the relay thread (the first pump) and wait for it back."""
-        if self._started is None:
-            self._started = trio.Event()
+        if not self._started:
+            self._started = True
             self._handed_back = trio.Event()
             _waiters()[int(_ffi.cast("uintptr_t", self._conn))] = self._handed_back
             ssl = _ffi.cast("void *", ossl.ssl_address(self.tls.conn))
             _lib.tt_conn_start(_loop, self._conn, self.plain._fd, self.tls._fd, ssl)
-            self._started.set()
         assert self._handed_back is not None
         try:
             await self._handed_back.wait()

@@ -103,6 +103,31 @@ def was_reset(sock: SocketLike) -> bool:
     return bool(info) and info[0] == TCP_CLOSE
 
 
+def parse_port_ranges(text: str) -> list[range]:
+    """``ip_local_reserved_ports`` syntax: "16384-32767,40000" (empty: none)."""
+    ranges = []
+    for part in text.replace("\n", ",").split(","):
+        part = part.strip()
+        if part:
+            low, _, high = part.partition("-")
+            ranges.append(range(int(low), int(high or low) + 1))
+    return ranges
+
+
+def ephemeral_ports(
+    proc: str = "/proc/sys/net/ipv4",
+) -> tuple[range, list[range]] | None:
+    """This network namespace's ephemeral range and reserved ports; None if unreadable."""
+    try:
+        with open(f"{proc}/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        with open(f"{proc}/ip_local_reserved_ports") as f:
+            reserved = parse_port_ranges(f.read())
+    except (OSError, ValueError):
+        return None
+    return range(low, high + 1), reserved
+
+
 def original_destination(sock: SocketLike) -> tuple[str, int]:
     """Where the client meant to connect, for a socket accepted from a TPROXY listener.
 

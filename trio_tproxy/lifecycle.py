@@ -78,7 +78,7 @@ from . import admin, drift, fastpath, memory, metrics, probes, reload, tlspolicy
 from .config import ProxyConfig
 from .credentials import Credentials, load_credentials
 from .interception import Installer, InterceptionError, is_permission_error
-from .proxy import Sidecar, fmt_addr
+from .proxy import Sidecar, fmt_addr, preserve_port_warning
 
 __all__ = ["preflight", "run"]
 
@@ -328,6 +328,8 @@ async def run(config: ProxyConfig, credentials: Credentials) -> None:
                         or "no --app-probe",
                     )
                 fastpath.relay_thread()  # before the first connection, not during it
+                if sidecar.kernel_options and (clash := preserve_port_warning()):
+                    log.warning("%s", clash)
                 log.info(
                     "ready: egress on %s, ingress (mTLS) on %s, %s, identity %s; verify=%s "
                     "trust-domain=%s; open-file limit %s; data path %s",

@@ -809,6 +809,39 @@ async def _abort_all(legs: list[Stream]) -> None:
 PRESERVE_PORTS = range(16384, 32768)
 
 
+def preserve_port_clash(ephemeral: range, reserved: list[range]) -> range | None:
+    """The part of :data:`PRESERVE_PORTS` this namespace may also hand out as
+    ephemeral ports (None: no overlap).  A client whose kernel picks one of those
+    ports meets the second collision of :meth:`Sidecar.dial`: about one
+    connection in (number of ports) / (connections held) times out or is reset."""
+    low = max(ephemeral.start, PRESERVE_PORTS.start)
+    high = min(ephemeral.stop, PRESERVE_PORTS.stop)
+    if low >= high:
+        return None
+    free = [port for port in range(low, high) if not any(port in r for r in reserved)]
+    return range(free[0], free[-1] + 1) if free else None
+
+
+def preserve_port_warning(proc: str = "/proc/sys/net/ipv4") -> str | None:
+    """One line for the log when this pod's ephemeral ports overlap :data:`PRESERVE_PORTS`."""
+    found = kernel.ephemeral_ports(proc)
+    if found is None:
+        return None
+    ephemeral, _ = found
+    clash = preserve_port_clash(*found)
+    if clash is None:
+        return None
+    return (
+        f"net.ipv4.ip_local_port_range is {ephemeral.start} {ephemeral.stop - 1}: ports "
+        f"{clash.start}-{clash.stop - 1} are also the ones the sidecar gives the app legs of "
+        f"kept client addresses ({PRESERVE_PORTS.start}-{PRESERVE_PORTS.stop - 1}), so a "
+        "connection from this pod to a peer that keeps client addresses may time out or be "
+        "reset now and then; keep the range above "
+        f"{PRESERVE_PORTS.stop - 1}, or reserve the ports (net.ipv4.ip_local_reserved_ports="
+        f"{PRESERVE_PORTS.start}-{PRESERVE_PORTS.stop - 1})"
+    )
+
+
 #: Not in every Python's socket module (Linux only); the kernel's value.
 _SOCK_NONBLOCK: int = getattr(_stdsocket, "SOCK_NONBLOCK", 0o4000)
 
