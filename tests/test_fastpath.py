@@ -7,6 +7,7 @@ this file tests what only the relay thread does: when a connection goes to it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 
 import pytest
@@ -98,3 +99,46 @@ def test_bytes_the_thread_carried_are_counted_when_the_relay_is_cancelled(pki, m
     trio.run(main)
     assert lib.started == 1  # the thread carried it
     assert (result.outcome, result.a_to_b, result.b_to_a) == ("cancelled", 2000, 1000)
+
+
+def test_a_promotion_in_full_flow_both_ways_loses_and_repeats_nothing(pki, monkeypatch):
+    """8 MiB each way at once, 25 times, promoted mid-flow: the direction that did not decide
+    may already have been woken when its wait is cancelled; it must make its last
+    C call before the thread starts, not beside it (that race duplicated 256 KiB
+    and could crash)."""
+    if not fastpath.ENABLED or fastpath.MODE != "thread":
+        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
+    monkeypatch.setattr(fastpath, "THREAD", True)
+    monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 8)
+    a, b = pki
+    size, block = 8 << 20, 1 << 20
+
+    async def one_way(send: trio.SocketStream, receive: trio.SocketStream) -> None:
+        sent, received = hashlib.sha256(), hashlib.sha256()
+
+        async def sender() -> None:
+            for _ in range(size // block):
+                data = os.urandom(block)
+                sent.update(data)
+                await send.send_all(data)
+            await send.send_eof()
+
+        async def receiver() -> None:
+            total = 0
+            while data := await receive.receive_some(block):
+                received.update(data)
+                total += len(data)
+            assert total == size
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            nursery.start_soon(receiver)
+        assert sent.digest() == received.digest()
+
+    async def main() -> None:
+        async with chain(a, b) as ch, trio.open_nursery() as nursery:
+            nursery.start_soon(one_way, ch.client, ch.server)
+            nursery.start_soon(one_way, ch.server, ch.client)
+
+    for _ in range(25):
+        trio.run(main)

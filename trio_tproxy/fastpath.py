@@ -248,6 +248,7 @@ class Pair:
         "_promoted",
         "_started",
         "_handed_back",
+        "_out_of_run",
     )
 
     def __init__(self, tls: TLSStream, plain: PlainStream) -> None:
@@ -262,6 +263,8 @@ class Pair:
         #: The thread has had the connection (once at most); set when it hands it back.
         self._started = False
         self._handed_back: trio.Event | None = None
+        #: Set when a direction leaves its per-wake-up loop (a promotion waits for it).
+        self._out_of_run: trio.Event | None = None
 
     def _pipe(self, index: int) -> Any:
         field = "to_tls" if index == 0 else "to_plain"
@@ -315,21 +318,29 @@ class Pair:
             counted = self._count(index, moved)
             while True:
                 if self._promoted:
-                    await self._in_thread()
+                    await self._in_thread(index)
                 pipe = self._pipe(index)
                 if pipe.moved != self._accounted[index]:
                     moved(pipe.moved - self._accounted[index])
                     self._accounted[index] = pipe.moved
                 budget = PROMOTE_AFTER if self._may_promote() else -1
-                with trio.CancelScope() as waiting:
-                    self._waits[index] = waiting
-                    if await _run(tls, plain, outbound, counted, pipe, budget):
-                        return  # the source's end
-                    self._promote()
-                self._waits[index] = None
+                try:
+                    with trio.CancelScope() as waiting:
+                        self._waits[index] = waiting
+                        if await _run(tls, plain, outbound, counted, pipe, budget):
+                            return  # the source's end
+                        self._promote()
+                finally:
+                    self._left_run(index)
         finally:
-            self._waits[index] = None
+            self._left_run(index)
             src._receiving = dst._sending = False
+
+    def _left_run(self, index: int) -> None:
+        """This direction makes no C call until it is back in ``_run``."""
+        self._waits[index] = None
+        if self._out_of_run is not None:
+            self._out_of_run.set()
 
     def _count(self, index: int, moved: Callable[[int], None]) -> Callable[[int], None]:
         accounted = self._accounted
@@ -358,8 +369,17 @@ class Pair:
             if waiting is not None:
                 waiting.cancel()  # the other pump, parked between two C calls
 
-    async def _in_thread(self) -> None:
-        """Hand the connection to the relay thread (the first pump) and wait for it back."""
+    async def _in_thread(self, index: int) -> None:
+        """Hand the connection to the relay thread (the first pump) and wait for it back.
+
+        Not before the other direction has left its per-wake-up loop: cancelling
+        its wait does not stop a task trio has already woken, which would make
+        one more C call on this connection, concurrently with the thread.
+        """
+        while self._waits[1 - index] is not None:
+            self._out_of_run = trio.Event()
+            await self._out_of_run.wait()
+        self._out_of_run = None
         if not self._started:
             self._started = True
             self._handed_back = trio.Event()
