@@ -15,6 +15,7 @@ COPY trio_tproxy ./trio_tproxy
 RUN python3 -m venv /opt/trio-tproxy \
  && /opt/trio-tproxy/bin/pip install --no-cache-dir --disable-pip-version-check . \
  && /opt/trio-tproxy/bin/pip uninstall -y -q pip setuptools \
+ && cd / \
  && /opt/trio-tproxy/bin/python -c 'from trio_tproxy import fastpath; assert fastpath.ENABLED, fastpath.WHY_OFF'
 
 FROM docker.io/library/debian:bookworm-slim
