@@ -106,3 +106,15 @@ def rss_kib(roots: Iterable[int]) -> int:
         except OSError:
             continue
     return total
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in kB: Rss, Pss, Private_Dirty, Anonymous, ..."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            value = rest.split()
+            if value and value[0].isdigit() and " " not in name:
+                fields[name] = int(value[0])
+    return fields

@@ -29,21 +29,11 @@ from pathlib import Path
 from lab.netns import next_prefix
 from lab.pods import PodLab
 
+from .procstat import smaps_rollup
+
 APP_PORT = 7100  # lab.apps serve: +2 connection rate, +3 idle
 #: The idle trimmer looks every 2 s (trio_tproxy.memory.TRIM_CHECK_INTERVAL).
 SETTLE = 4.0
-
-
-def rollup(pid: int) -> dict[str, int]:
-    """/proc/PID/smaps_rollup in kB."""
-    fields: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            value = rest.split()
-            if value and value[0].isdigit() and " " not in name:
-                fields[name] = int(value[0])
-    return fields
 
 
 def fds(pid: int) -> int:
@@ -64,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as work, PodLab(Path(work), prefix=next_prefix()) as lab:
 
         def step(label: str) -> dict[str, dict[str, int]]:
-            figures = {pod: rollup(s.process.pid) for pod, s in lab.sidecars.items()}
+            figures = {pod: smaps_rollup(s.process.pid) for pod, s in lab.sidecars.items()}
             rows.append({"step": label, **figures})
             print(
                 f"{label:34s} "

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from benchmarks.procstat import smaps_rollup
 from lab.netns import next_prefix
 from lab.pods import PodLab
 from trio_tproxy import memory
@@ -79,24 +80,12 @@ def test_sidecar_start_does_not_import_what_it_may_never_need() -> None:
     assert not loaded & {"pyroute2", "pytest", "_pytest", "hypothesis"}
 
 
-def rollup(pid: int) -> dict[str, int]:
-    """/proc/PID/smaps_rollup in kB: Rss, Private_Dirty, Anonymous, ..."""
-    fields: dict[str, int] = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            value = rest.split()
-            if value and value[0].isdigit() and " " not in name:
-                fields[name] = int(value[0])
-    return fields
-
-
 @pytest.mark.netns
 def test_idle_sidecar_rss(tmp_path: Path) -> None:
     """A sidecar that has started (rules installed, admin and probe servers up) and
     carried no traffic stays under IDLE_RSS_LIMIT_KB."""
     with PodLab(tmp_path, prefix=next_prefix()) as lab:
         sidecar = lab.start_sidecar("a")  # returns once "ready:" is logged
-        fields = rollup(sidecar.process.pid)
+        fields = smaps_rollup(sidecar.process.pid)
     print(f"idle sidecar: {fields}")
     assert fields["Rss"] < IDLE_RSS_LIMIT_KB, fields
