@@ -27,16 +27,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Contexts, Contexts]:
     return contexts(files["a"]), contexts(files["b"])
 
 
+@pytest.fixture(autouse=True)
+def relay_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here needs the relay thread (started: its fds exist before counting)."""
+    if not fastpath.ENABLED or fastpath.MODE != "thread":
+        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
+    monkeypatch.setattr(fastpath, "THREAD", True)
+    assert fastpath.relay_thread() is not None
+
+
 @pytest.mark.parametrize("exchanges", [1, 3, 40])
 def test_a_connection_goes_to_the_relay_thread_once_it_has_waited_enough(
     pki, monkeypatch, exchanges
 ):
     """Short exchanges stay per wake-up (no hand-over between threads); a connection
     that keeps talking goes to the thread, once, and everything arrives."""
-    if not fastpath.ENABLED or fastpath.MODE != "thread":
-        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
-    monkeypatch.setattr(fastpath, "THREAD", True)
-    assert fastpath.relay_thread() is not None
     monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 8)
     lib = CountingLib(fastpath._lib)
     monkeypatch.setattr(fastpath, "_lib", lib)
@@ -67,9 +72,6 @@ def test_a_connection_goes_to_the_relay_thread_once_it_has_waited_enough(
 
 
 def test_bytes_the_thread_carried_are_counted_when_the_relay_is_cancelled(pki, monkeypatch):
-    if not fastpath.ENABLED or fastpath.MODE != "thread":
-        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
-    monkeypatch.setattr(fastpath, "THREAD", True)
     monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 0)
     lib = CountingLib(fastpath._lib)
     monkeypatch.setattr(fastpath, "_lib", lib)
@@ -106,9 +108,6 @@ def test_a_promotion_in_full_flow_both_ways_loses_and_repeats_nothing(pki, monke
     may already have been woken when its wait is cancelled; it must make its last
     C call before the thread starts, not beside it (that race duplicated 256 KiB
     and could crash)."""
-    if not fastpath.ENABLED or fastpath.MODE != "thread":
-        skip_or_fail(f"the relay thread is off: {fastpath.describe()}")
-    monkeypatch.setattr(fastpath, "THREAD", True)
     monkeypatch.setattr(fastpath, "PROMOTE_AFTER", 8)
     a, b = pki
     size, block = 8 << 20, 1 << 20

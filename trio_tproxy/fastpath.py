@@ -273,22 +273,26 @@ class Pair:
         assert self._local is not None
         return getattr(self._local, field)
 
-    def unreported(self) -> tuple[int, int]:
-        """Bytes of (to_tls, to_plain) not yet reported through ``moved``, now reported:
-        what the thread moved before a connection was taken back (cancelled)."""
+    def _unreported(self) -> tuple[int, int]:
+        """Bytes of (to_tls, to_plain) the thread moved that ``moved`` has not reported."""
         if self._conn is None:
             return 0, 0
-        to_tls = int(self._conn.to_tls.moved) - self._accounted[0]
-        to_plain = int(self._conn.to_plain.moved) - self._accounted[1]
+        return (
+            int(self._conn.to_tls.moved) - self._accounted[0],
+            int(self._conn.to_plain.moved) - self._accounted[1],
+        )
+
+    def unreported(self) -> tuple[int, int]:
+        """:meth:`_unreported`, now reported: what the thread moved before a
+        connection was taken back (cancelled)."""
+        to_tls, to_plain = self._unreported()
         self._accounted[0] += to_tls
         self._accounted[1] += to_plain
         return to_tls, to_plain
 
     def in_flight(self) -> int:
         """Bytes the thread moved that ``moved`` has not reported yet (for the watchdog)."""
-        if self._conn is None:
-            return 0
-        return int(self._conn.to_tls.moved + self._conn.to_plain.moved) - sum(self._accounted)
+        return sum(self._unreported())
 
     async def forward(self, outbound: bool, moved: Callable[[int], None]) -> None:
         """Carry one direction in compiled code until its source ends.
